@@ -1,0 +1,290 @@
+"""Model files: safetensors weights + a JSON model card, in one folder per model.
+
+A model folder ``NAME/`` holds ``model.safetensors`` and ``model.json``. Loading
+never unpickles anything; saving never overwrites an existing model and is
+atomic (written to a temporary folder next to the target, then renamed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+FORMAT = "napari-selfreg-model"
+FORMAT_VERSION = 1
+DEFAULT_MODEL = "brain-tissue-unet3d"
+BUNDLED_DIR = Path(__file__).parent / "bundled_models"
+
+DEFAULT_COLORS = [
+    "#000000", "#e6194b", "#3cb44b", "#4363d8", "#ffe119", "#f58231", "#911eb4",
+    "#46f0f0", "#f032e6", "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324",
+]  # fmt: skip
+
+
+class ModelFileError(ValueError):
+    """A model file is missing, corrupt or not a napari-selfreg model."""
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to rebuild and use a model, stored as JSON beside the weights.
+
+    Attributes:
+        name: model name (the folder name when saved).
+        architecture: registry name for ``models.build``.
+        options: keyword options of ``models.build`` (``in_channels``,
+            ``num_classes`` and architecture options).
+        class_names: one name per output class, background first.
+        class_colors: one ``#rrggbb`` colour per class.
+        normalization: intensity normalisation, e.g. ``{"method": "zscore"}``,
+            ``{"method": "ct_window", "low": -160, "high": 240}`` or
+            ``{"method": "percentile", "low": 0.5, "high": 99.5}``.
+        patch_size: training / default inference tile (array axis order).
+        spacing: voxel spacing in mm the model expects (None: any).
+        description: free text (what it segments, recipe, caveats).
+        training: training summary (recipe, data, iterations, split, seed...).
+        metrics: validation metrics, e.g. ``{"dice": {"grey matter": 0.93}}``.
+        parent: name or path of the model this one was fine-tuned from.
+        created: ISO time of saving.
+    """
+
+    name: str
+    architecture: str
+    options: dict[str, Any]
+    class_names: list[str]
+    class_colors: list[str] = field(default_factory=list)
+    normalization: dict[str, Any] = field(default_factory=lambda: {"method": "zscore"})
+    patch_size: list[int] | None = None
+    spacing: list[float] | None = None
+    description: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    parent: str | None = None
+    created: str = ""
+
+    def __post_init__(self) -> None:
+        n = int(self.options.get("num_classes", len(self.class_names)))
+        if len(self.class_names) != n:
+            raise ValueError(f"{len(self.class_names)} class names for {n} classes")
+        if not self.class_colors:
+            self.class_colors = [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(n)]
+        if len(self.class_colors) != n:
+            raise ValueError(f"{len(self.class_colors)} class colours for {n} classes")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.options.get("in_channels", 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        if data.get("format") != FORMAT:
+            raise ModelFileError("not a napari-selfreg model card (no 'format' marker)")
+        if int(data.get("format_version", 0)) > FORMAT_VERSION:
+            raise ModelFileError(
+                f"model card format {data['format_version']} is newer than this "
+                f"napari-selfreg understands ({FORMAT_VERSION}); upgrade napari-selfreg"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = {"name", "architecture", "options", "class_names"} - set(data)
+        if missing:
+            raise ModelFileError(f"model card lacks {', '.join(sorted(missing))}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model: the torch module, its card and the folder it came from."""
+
+    network: Any
+    card: ModelCard
+    path: Path | None = None
+
+
+def user_models_dir() -> Path:
+    """Where user models live: ``$NAPARI_SELFREG_HOME/models`` or ``~/.local/share/napari-selfreg/models``."""
+    home = os.environ.get("NAPARI_SELFREG_HOME")
+    base = Path(home) if home else Path.home() / ".local" / "share" / "napari-selfreg"
+    return base / "models"
+
+
+def save_model(
+    network,
+    card: ModelCard,
+    path: str | os.PathLike | None = None,
+    *,
+    new_version: bool = False,
+    dtype: str | None = None,
+) -> Path:
+    """Save ``network`` and ``card`` into a new model folder; return the folder.
+
+    Args:
+        network: the torch module (a DDP wrapper is unwrapped).
+        card: its model card; ``card.name`` becomes the folder name when
+            ``path`` is None (then the folder goes into :func:`user_models_dir`).
+        path: target folder. It must not exist, unless ``new_version``.
+        new_version: if the target exists, save as ``<name>-v2``, ``-v3``...
+        dtype: store floating weights as ``"bfloat16"`` or ``"float16"`` (smaller
+            files; loading casts back to float32). Default: as they are.
+
+    Raises:
+        FileExistsError: the target exists and ``new_version`` is False.
+        OSError: the disk is full or not writable (nothing is left behind).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    network = getattr(network, "module", network)
+    target = Path(path) if path is not None else user_models_dir() / card.name
+    if target.exists():
+        if not new_version:
+            raise FileExistsError(
+                f"model {target} exists; models are never overwritten - choose another name"
+            )
+        target = next_version_path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    card = dataclasses.replace(
+        card, name=target.name, created=_dt.datetime.now(_dt.timezone.utc).isoformat()
+    )
+    store = getattr(torch, dtype) if dtype else None
+    tensors = {}
+    for key, value in network.state_dict().items():
+        value = value.detach().cpu()
+        if store is not None and value.is_floating_point():
+            value = value.to(store)
+        tensors[key] = value.contiguous()
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        digest = hashlib.sha256((tmp / WEIGHTS_FILE).read_bytes()).hexdigest()
+        card_data = card.to_dict()
+        card_data["weights_sha256"] = digest
+        with open(tmp / CARD_FILE, "w") as fh:
+            json.dump(card_data, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, target)  # atomic; fails if target appeared meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def next_version_path(path: str | os.PathLike) -> Path:
+    """First free ``<name>-vN`` (N >= 2) beside ``path``."""
+    path = Path(path)
+    stem = path.name
+    base, sep, num = stem.rpartition("-v")
+    if sep and num.isdigit():
+        stem = base
+    n = 2
+    while (path.parent / f"{stem}-v{n}").exists():
+        n += 1
+    return path.parent / f"{stem}-v{n}"
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
+    """Find a model folder from a path, a user model name, a bundled name or None (the default)."""
+    if name_or_path is None or str(name_or_path) == "default":
+        name_or_path = DEFAULT_MODEL
+    candidate = Path(name_or_path).expanduser()
+    if candidate.is_file() and candidate.name in (WEIGHTS_FILE, CARD_FILE):
+        candidate = candidate.parent
+    if candidate.is_dir():
+        return candidate
+    for root in (user_models_dir(), BUNDLED_DIR):
+        if (root / str(name_or_path) / CARD_FILE).is_file():
+            return root / str(name_or_path)
+    if str(name_or_path) == DEFAULT_MODEL:
+        raise ModelFileError(
+            "the bundled default model is not installed in this copy of napari-selfreg; "
+            "pass --model NAME|PATH"
+        )
+    raise ModelFileError(
+        f"no model {str(name_or_path)!r}: not a folder, nor a user or bundled model name"
+    )
+
+
+def read_card(path: str | os.PathLike) -> ModelCard:
+    """Read and validate the model card of a model folder."""
+    card_path = Path(path) / CARD_FILE
+    try:
+        data = json.loads(card_path.read_text())
+    except FileNotFoundError as err:
+        raise ModelFileError(f"{path} is not a napari-selfreg model (no {CARD_FILE})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFileError(f"{card_path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{card_path} is not a napari-selfreg model card")
+    try:
+        return ModelCard.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ModelFileError(f"{card_path}: {err}") from err
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu") -> ModelBundle:
+    """Load a model folder (or a user/bundled model by name) without unpickling.
+
+    The network is rebuilt from the card with ``models.build`` and put in eval
+    mode on ``device`` in float32.
+    """
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from . import models
+
+    path = resolve_model_path(name_or_path)
+    card = read_card(path)
+    try:
+        state = load_file(str(path / WEIGHTS_FILE))
+    except FileNotFoundError as err:
+        raise ModelFileError(f"{path} has no {WEIGHTS_FILE}") from err
+    except (SafetensorError, OSError) as err:
+        raise ModelFileError(f"{path / WEIGHTS_FILE} is corrupt: {err}") from err
+    try:
+        network = models.build(card.architecture, **card.options)
+    except (TypeError, ValueError) as err:
+        raise ModelFileError(f"cannot build {card.architecture!r} from {path}: {err}") from err
+    reference = network.state_dict()
+    for key, value in state.items():
+        if key in reference and value.is_floating_point():
+            state[key] = value.to(reference[key].dtype)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ModelFileError(f"weights in {path} do not fit its card: {err}") from err
+    network.to(torch.device(device)).eval()
+    return ModelBundle(network=network, card=card, path=path)
+
+
+def list_models() -> list[tuple[str, Path, ModelCard]]:
+    """Bundled and user models as ``(name, folder, card)``; unreadable folders are skipped."""
+    found = []
+    for root in (BUNDLED_DIR, user_models_dir()):
+        if not root.is_dir():
+            continue
+        for folder in sorted(root.iterdir()):
+            if (folder / CARD_FILE).is_file():
+                try:
+                    found.append((folder.name, folder, read_card(folder)))
+                except ModelFileError:
+                    continue
+    return found

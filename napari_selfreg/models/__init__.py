@@ -1,0 +1,88 @@
+"""Model registry: every network of napari-selfreg is built by name.
+
+Each registered network is an ``nn.Module`` with
+
+* ``forward(x) -> logits`` of shape ``(B, num_classes, *spatial)``;
+* ``forward_features(x) -> (logits, features)`` where ``features`` is an ordered
+  mapping of named block outputs that ends with ``"final"`` (the SelfReg teacher);
+* ``feature_info``: a list of :class:`FeatureInfo` in the same order;
+* ``spatial_dims`` (2 or 3), ``in_channels``, ``num_classes``.
+
+The name and the keyword options passed to :func:`build` are what a model card
+stores, so ``build(card.architecture, **card.options)`` rebuilds the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One named block output of a network.
+
+    Attributes:
+        name: key in the ``forward_features`` mapping.
+        channels: number of channels of that output.
+        reduction: spatial down-sampling factor against the input.
+        ifd_group: IFD averaging group (None: not a student).
+        scr_group: SCR averaging group (None: not a student).
+    """
+
+    name: str
+    channels: int
+    reduction: int
+    ifd_group: str | None = None
+    scr_group: str | None = None
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a builder ``fn(in_channels, num_classes, **options) -> nn.Module``."""
+
+    def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def available() -> list[str]:
+    """Names of all registered architectures, sorted."""
+    _import_builtin()
+    return sorted(_REGISTRY)
+
+
+def build(name: str, in_channels: int = 1, num_classes: int = 2, **options) -> nn.Module:
+    """Build a registered architecture by name.
+
+    Args:
+        name: one of :func:`available`.
+        in_channels: image channels.
+        num_classes: output classes, background included.
+        **options: architecture options; ``None`` values are dropped.
+    """
+    _import_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    options = {k: v for k, v in options.items() if v is not None}
+    return _REGISTRY[name](in_channels=in_channels, num_classes=num_classes, **options)
+
+
+def selfreg_groups(model: nn.Module) -> dict[str, tuple[str | None, str | None]]:
+    """Map feature name -> (IFD group, SCR group) read from ``model.feature_info``."""
+    return {f.name: (f.ifd_group, f.scr_group) for f in model.feature_info}
+
+
+def _import_builtin() -> None:
+    # Importing the modules runs their @register_model decorators.
+    from . import unet  # noqa: F401
+
+
+__all__ = ["FeatureInfo", "available", "build", "register_model", "selfreg_groups"]

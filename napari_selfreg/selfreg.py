@@ -1,0 +1,219 @@
+"""SelfReg-UNet's training-only losses (SCR, IFD) and the segmentation loss.
+
+Formulas: ``shared/method.md`` section 1. All functions take 2D ``(B, C, H, W)``
+or 3D ``(B, C, D, H, W)`` tensors of any size and compute in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TEACHER = "final"
+
+
+def scr_loss(
+    student: torch.Tensor, teacher: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Semantic consistency regularisation of one student block.
+
+    The teacher is detached and average-pooled to the student's spatial size;
+    ``K = min(C_S, C_T)`` distinct channels are drawn at random on each side
+    (from ``generator`` when given) and paired; the result is the mean squared
+    difference over batch, pairs and voxels.
+    """
+    spatial = student.shape[2:]
+    pool = F.adaptive_avg_pool2d if student.ndim == 4 else F.adaptive_avg_pool3d
+    pooled = pool(teacher.detach().float(), spatial)
+    k = min(student.shape[1], teacher.shape[1])
+    a = torch.randperm(student.shape[1], generator=generator)[:k].to(student.device)
+    b = torch.randperm(teacher.shape[1], generator=generator)[:k].to(student.device)
+    return (student.float()[:, a] - pooled[:, b]).pow(2).mean()
+
+
+def ifd_loss(feature: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Internal feature distillation (channel redundancy reduction) of one block.
+
+    Channels are scored by the mean of their spatially L2-normalised maps,
+    sorted (descending, no gradient through the order) and the top half is
+    pulled towards the bottom half: ``mean((top - bottom)^2)``.
+    """
+    feature = feature.float()
+    c = feature.shape[1]
+    if c < 2:
+        return feature.new_zeros(())
+    flat = feature.flatten(2)
+    scores = F.normalize(flat, dim=2, eps=eps).mean(dim=(0, 2))
+    order = torch.argsort(scores.detach(), descending=True)
+    half = c // 2
+    ordered = feature[:, order]
+    return (ordered[:, :half] - ordered[:, half : 2 * half]).pow(2).mean()
+
+
+def default_groups(names: list[str]) -> dict[str, tuple[str | None, str | None]]:
+    """Groups by the UNet naming convention: ``enc*``/``bottleneck`` -> encoder, ``dec*`` -> decoder."""
+    groups: dict[str, tuple[str | None, str | None]] = {}
+    for name in names:
+        if name.startswith(("enc", "bottleneck")):
+            groups[name] = ("encoder", "all")
+        elif name.startswith("dec"):
+            groups[name] = ("decoder", "all")
+        else:
+            groups[name] = (None, None)
+    return groups
+
+
+def selfreg_loss(
+    features: Mapping[str, torch.Tensor],
+    lambda_scr: float = 0.015,
+    lambda_ifd: float = 0.015,
+    generator: torch.Generator | None = None,
+    groups: Mapping[str, tuple[str | None, str | None]] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SCR and IFD over every student of a ``forward_features`` mapping.
+
+    Each term is averaged within its group and the group means are summed
+    (UNet: IFD = mean(encoder) + mean(decoder), SCR = mean(all students)).
+
+    Args:
+        features: ordered block outputs ending with ``"final"`` (the teacher).
+        lambda_scr: weight of SCR.
+        lambda_ifd: weight of IFD.
+        generator: random source of SCR's channel pairing.
+        groups: name -> (IFD group, SCR group), None for non-students;
+            default from :func:`default_groups`, normally
+            ``models.selfreg_groups(model)``.
+
+    Returns:
+        ``(total, terms)``: ``total = lambda_scr * scr + lambda_ifd * ifd`` and a
+        flat dict with ``scr``, ``ifd`` and ``scr/<block>``, ``ifd/<block>``.
+    """
+    if TEACHER not in features:
+        raise KeyError("features must contain the teacher block 'final'")
+    teacher = features[TEACHER]
+    groups = dict(groups) if groups is not None else default_groups(list(features))
+    terms: dict[str, torch.Tensor] = {}
+    ifd_groups: dict[str, list[torch.Tensor]] = {}
+    scr_groups: dict[str, list[torch.Tensor]] = {}
+    for name, feature in features.items():
+        if name == TEACHER:
+            continue
+        ifd_group, scr_group = groups.get(name, (None, None))
+        if ifd_group is not None:
+            terms[f"ifd/{name}"] = ifd_loss(feature)
+            ifd_groups.setdefault(ifd_group, []).append(terms[f"ifd/{name}"])
+        if scr_group is not None:
+            terms[f"scr/{name}"] = scr_loss(feature, teacher, generator)
+            scr_groups.setdefault(scr_group, []).append(terms[f"scr/{name}"])
+    zero = teacher.new_zeros((), dtype=torch.float32)
+    scr = sum((torch.stack(v).mean() for v in scr_groups.values()), zero)
+    ifd = sum((torch.stack(v).mean() for v in ifd_groups.values()), zero)
+    terms = {"scr": scr, "ifd": ifd, **terms}
+    return lambda_scr * scr + lambda_ifd * ifd, terms
+
+
+class SegmentationLoss(nn.Module):
+    """Cross-entropy + soft Dice with settable weights and optional voxel weights.
+
+    Args:
+        ce_weight: weight of cross-entropy.
+        dice_weight: weight of soft Dice loss (1 - mean Dice over classes).
+        include_background: count class 0 in the Dice mean.
+        smooth: Dice smoothing term.
+    """
+
+    def __init__(
+        self,
+        ce_weight: float = 0.5,
+        dice_weight: float = 0.5,
+        include_background: bool = False,
+        smooth: float = 1e-5,
+    ):
+        super().__init__()
+        self.ce_weight = ce_weight
+        self.dice_weight = dice_weight
+        self.include_background = include_background
+        self.smooth = smooth
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        voxel_weight: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of logits ``(B, K, *S)`` against integer target ``(B, *S)``.
+
+        ``voxel_weight`` ``(B, *S)`` scales each voxel (0 ignores it).
+        Returns ``(total, {"ce": ..., "dice": ...})``.
+        """
+        logits = logits.float()
+        target = target.long()
+        num_classes = logits.shape[1]
+        ce = F.cross_entropy(logits, target, reduction="none")
+        if voxel_weight is None:
+            weight = torch.ones_like(ce)
+        else:
+            weight = voxel_weight.float()
+        ce = (ce * weight).sum() / weight.sum().clamp_min(1e-8)
+
+        probs = logits.softmax(1)
+        onehot = F.one_hot(target, num_classes).movedim(-1, 1).float()
+        w = weight.unsqueeze(1)
+        axes = [0, *range(2, logits.ndim)]
+        intersect = (probs * onehot * w).sum(axes)
+        denom = (probs * w).sum(axes) + (onehot * w).sum(axes)
+        dice = (2 * intersect + self.smooth) / (denom + self.smooth)
+        if not self.include_background and num_classes > 1:
+            dice = dice[1:]
+        dice_loss = 1 - dice.mean()
+        total = self.ce_weight * ce + self.dice_weight * dice_loss
+        return total, {"ce": ce.detach(), "dice": dice_loss.detach()}
+
+
+class SelfRegLoss(nn.Module):
+    """Segmentation loss plus SCR and IFD over a model's named blocks.
+
+    Args:
+        base: the segmentation loss (``SegmentationLoss``).
+        lambda_scr: SCR weight; 0 switches it off.
+        lambda_ifd: IFD weight; 0 switches it off.
+        groups: name -> (IFD group, SCR group) from ``models.selfreg_groups``.
+        generator: random source of SCR's pairing.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module | None = None,
+        lambda_scr: float = 0.015,
+        lambda_ifd: float = 0.015,
+        groups: Mapping[str, tuple[str | None, str | None]] | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        self.base = base if base is not None else SegmentationLoss()
+        self.lambda_scr = lambda_scr
+        self.lambda_ifd = lambda_ifd
+        self.groups = groups
+        self.generator = generator
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        features: Mapping[str, torch.Tensor],
+        target: torch.Tensor,
+        voxel_weight: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return ``(total, parts)``; parts hold seg, ce, dice, scr, ifd and per-block terms."""
+        seg, parts = self.base(logits, target, voxel_weight)
+        parts = {"seg": seg.detach(), **parts}
+        total = seg
+        if self.lambda_scr or self.lambda_ifd:
+            reg, terms = selfreg_loss(
+                features, self.lambda_scr, self.lambda_ifd, self.generator, self.groups
+            )
+            total = total + reg
+            parts.update({k: v.detach() for k, v in terms.items()})
+        return total, parts

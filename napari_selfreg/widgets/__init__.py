@@ -1,0 +1,1 @@
+"""napari dock widgets (Segment, Inspect features, Fine-tune)."""

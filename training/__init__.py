@@ -1,0 +1,1 @@
+"""The bundled training module (installed as ``napari_selfreg.training``)."""
