@@ -84,7 +84,9 @@ class UpBlock(nn.Module):
         if self.up is not None:
             x = self.up(x)
         else:
-            x = F.interpolate(x, scale_factor=2, mode=_INTERP[self.spatial_dims], align_corners=False)
+            x = F.interpolate(
+                x, scale_factor=2, mode=_INTERP[self.spatial_dims], align_corners=False
+            )
         return self.conv(torch.cat([skip, x], dim=1))
 
 
@@ -141,7 +143,9 @@ class UNet(nn.Module):
             self.down.append(
                 nn.Sequential(
                     _POOL[spatial_dims](2),
-                    DoubleConv(spatial_dims, channels[i - 1], channels[i], norm, act, dropout=drop),
+                    DoubleConv(
+                        spatial_dims, channels[i - 1], channels[i], norm, act, dropout=drop
+                    ),
                 )
             )
         self.up = nn.ModuleList()
@@ -212,12 +216,22 @@ def crop_to(x: torch.Tensor, size: Sequence[int], reduction: int) -> torch.Tenso
 @register_model("unet2d")
 def unet2d(in_channels: int = 1, num_classes: int = 2, **options) -> UNet:
     """2D UNet; defaults are the paper's reference (bilinear, 64-128-256-512-512, BN, ReLU)."""
-    defaults = dict(channels=(64, 128, 256, 512, 512), norm="batch", act="relu", upsample="interp")
+    defaults = {
+        "channels": (64, 128, 256, 512, 512),
+        "norm": "batch",
+        "act": "relu",
+        "upsample": "interp",
+    }
     return UNet(2, in_channels, num_classes, **{**defaults, **options})
 
 
 @register_model("unet3d")
 def unet3d(in_channels: int = 1, num_classes: int = 2, **options) -> UNet:
     """3D UNet; small CPU-friendly defaults (16-32-64-128-256, instance norm, deconv)."""
-    defaults = dict(channels=(16, 32, 64, 128, 256), norm="instance", act="leakyrelu", upsample="deconv")
+    defaults = {
+        "channels": (16, 32, 64, 128, 256),
+        "norm": "instance",
+        "act": "leakyrelu",
+        "upsample": "deconv",
+    }
     return UNet(3, in_channels, num_classes, **{**defaults, **options})
