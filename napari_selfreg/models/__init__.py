@@ -80,9 +80,20 @@ def selfreg_groups(model: nn.Module) -> dict[str, tuple[str | None, str | None]]
     return {f.name: (f.ifd_group, f.scr_group) for f in model.feature_info}
 
 
+def deploy(model: nn.Module) -> nn.Module:
+    """The inference network of ``model``: training-only modules removed.
+
+    Models with training-only parts (MISSU's LMSF teachers) implement
+    ``deploy()``; for the others the model itself is returned. Save this,
+    not the training model.
+    """
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return model.deploy() if hasattr(model, "deploy") else model
+
+
 def _import_builtin() -> None:
     # Importing the modules runs their @register_model decorators.
     from . import unet  # noqa: F401
 
 
-__all__ = ["FeatureInfo", "available", "build", "register_model", "selfreg_groups"]
+__all__ = ["FeatureInfo", "available", "build", "deploy", "register_model", "selfreg_groups"]
