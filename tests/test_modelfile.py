@@ -1,0 +1,159 @@
+"""Model folders: bit-exact round trip, no pickles, no overwrites, atomic writes."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from napari_selfreg import models
+from napari_selfreg.modelfile import (
+    CARD_FILE,
+    WEIGHTS_FILE,
+    ModelCard,
+    ModelFileError,
+    list_models,
+    load_model,
+    next_version_path,
+    save_model,
+)
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_SELFREG_HOME", str(tmp_path / "home"))
+
+
+def _card(name="tiny", **kw):
+    options = {"in_channels": 1, "num_classes": 3, "channels": [4, 8, 16], "norm": "batch"}
+    return ModelCard(
+        name=name,
+        architecture="unet3d",
+        options=options,
+        class_names=["background", "a", "b"],
+        normalization={"method": "zscore"},
+        patch_size=[32, 32, 32],
+        spacing=[1.0, 1.0, 1.0],
+        **kw,
+    )
+
+
+def _trained_like(card):
+    torch.manual_seed(0)
+    net = models.build(card.architecture, **card.options)
+    net.train()
+    with torch.no_grad():  # move BatchNorm running stats away from their defaults
+        net(torch.randn(2, 1, 16, 16, 16))
+    return net.eval()
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    card = _card(metrics={"dice": {"a": 0.9}}, training={"iterations": 10}, parent="base")
+    net = _trained_like(card)
+    path = save_model(net, card, tmp_path / "m")
+    bundle = load_model(path)
+    for key, value in net.state_dict().items():
+        assert torch.equal(bundle.network.state_dict()[key], value), key
+    x = torch.randn(1, 1, 13, 14, 15)
+    with torch.no_grad():
+        assert torch.equal(net(x), bundle.network(x))
+    assert bundle.card.class_names == card.class_names
+    assert bundle.card.metrics == {"dice": {"a": 0.9}}
+    assert bundle.card.parent == "base"
+    assert bundle.card.name == "m"
+    assert not bundle.network.training
+
+
+def test_loading_never_unpickles(tmp_path, monkeypatch):
+    card = _card()
+    path = save_model(_trained_like(card), card, tmp_path / "m")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model file was unpickled")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    load_model(path)
+    assert (path / WEIGHTS_FILE).read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle stream
+
+
+def test_refuses_to_overwrite_and_versions(tmp_path):
+    card = _card()
+    net = _trained_like(card)
+    path = save_model(net, card, tmp_path / "m")
+    before = {f.name: f.read_bytes() for f in path.iterdir()}
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        save_model(net, card, path)
+    v2 = save_model(net, card, path, new_version=True)
+    v3 = save_model(net, card, path, new_version=True)
+    assert (v2.name, v3.name) == ("m-v2", "m-v3")
+    assert next_version_path(v3).name == "m-v4"
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == before
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    card = _card()
+    net = _trained_like(card)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_model(net, card, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_location_and_listing(tmp_path):
+    card = _card(name="mine")
+    path = save_model(_trained_like(card), card)
+    assert path.parent == tmp_path / "home" / "models"
+    names = [name for name, _, _ in list_models()]
+    assert "mine" in names
+    assert load_model("mine").card.name == "mine"
+
+
+def test_reduced_precision_storage_loads_as_float32(tmp_path):
+    card = _card()
+    net = _trained_like(card)
+    path = save_model(net, card, tmp_path / "m", dtype="bfloat16")
+    small = (path / WEIGHTS_FILE).stat().st_size
+    full = (save_model(net, card, tmp_path / "f") / WEIGHTS_FILE).stat().st_size
+    assert small < 0.6 * full
+    bundle = load_model(path)
+    weight = bundle.network.stem[0].weight
+    assert weight.dtype == torch.float32
+    ref = net.stem[0].weight
+    assert torch.allclose(weight, ref, rtol=1e-2, atol=1e-3)
+
+
+def test_bad_model_files_give_clear_errors(tmp_path):
+    with pytest.raises(ModelFileError, match="no model"):
+        load_model(tmp_path / "missing")
+    folder = tmp_path / "notours"
+    folder.mkdir()
+    (folder / CARD_FILE).write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ModelFileError, match="not a napari-selfreg model"):
+        load_model(folder)
+    (folder / CARD_FILE).write_text("{not json")
+    with pytest.raises(ModelFileError, match="not valid JSON"):
+        load_model(folder)
+    card = _card()
+    path = save_model(_trained_like(card), card, tmp_path / "m")
+    (path / WEIGHTS_FILE).write_bytes(b"garbage" * 10)
+    with pytest.raises(ModelFileError, match="corrupt"):
+        load_model(path)
+    data = json.loads((path / CARD_FILE).read_text())
+    other = save_model(_trained_like(card), card, tmp_path / "n")
+    data["options"]["channels"] = [4, 8, 32]
+    (other / CARD_FILE).write_text(json.dumps(data))
+    with pytest.raises(ModelFileError, match="do not fit"):
+        load_model(other)
+
+
+def test_card_validation():
+    with pytest.raises(ValueError, match="class names"):
+        ModelCard("x", "unet3d", {"num_classes": 3}, ["a", "b"])
+    card = ModelCard("x", "unet3d", {"num_classes": 2}, ["bg", "fg"])
+    assert len(card.class_colors) == 2 and card.class_colors[0].startswith("#")

@@ -1,0 +1,93 @@
+"""One contract test over every registered model, plus UNet specifics."""
+
+import pytest
+import torch
+
+from napari_selfreg import models
+from napari_selfreg.models.unet import UNet
+
+# Small options per architecture so the contract runs in seconds; sizes are odd,
+# non-square and non-cubic on purpose.
+TINY = {
+    "unet2d": {"channels": (4, 8, 16)},
+    "unet3d": {"channels": (4, 8, 16)},
+    "swin_unet2d": {"embed_dim": 12, "num_heads": (1, 1, 2, 2), "window_size": 4},
+    "missu3d": {"channels": (4, 8, 8, 16), "embed_dim": 16, "num_layers": 1, "num_heads": 2,
+                "mlp_dim": 16, "img_size": (16, 16, 16)},
+}  # fmt: skip
+SIZES = {2: [(37, 53), (64, 48)], 3: [(19, 23, 30), (16, 17, 18)]}
+
+
+def _tiny(name):
+    assert name in TINY, f"add small test options for {name!r} to TINY"
+    return models.build(name, in_channels=2, num_classes=3, **TINY[name])
+
+
+@pytest.mark.parametrize("name", models.available())
+def test_model_contract(name):
+    torch.manual_seed(0)
+    model = _tiny(name).eval()
+    assert model.spatial_dims in (2, 3)
+    assert model.in_channels == 2 and model.num_classes == 3
+    for size in SIZES[model.spatial_dims]:
+        x = torch.randn(1, 2, *size)
+        with torch.no_grad():
+            logits, feats = model.forward_features(x)
+            plain = model(x)
+        assert logits.shape == (1, 3, *size)
+        assert torch.equal(plain, logits)
+        assert list(feats)[-1] == "final"
+        assert feats["final"].shape[2:] == size
+        assert [f.name for f in model.feature_info] == list(feats)
+        for info in model.feature_info:
+            t = feats[info.name]
+            assert t.shape[1] == info.channels, info
+            expected = tuple(-(-s // info.reduction) for s in size)
+            assert tuple(t.shape[2:]) == expected, (info, t.shape)
+            assert torch.isfinite(t).all()
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(ValueError, match="unet3d"):
+        models.build("nope")
+
+
+def test_reference_2d_unet_matches_paper_size():
+    model = models.build("unet2d", in_channels=1, num_classes=9)
+    params = sum(p.numel() for p in model.parameters())
+    assert 17.0e6 < params < 17.5e6  # about 17.3 M in the paper
+    students = [f.name for f in model.feature_info if f.ifd_group is not None]
+    assert students == ["enc1", "enc2", "enc3", "bottleneck", "dec3", "dec2", "dec1"]
+    groups = models.selfreg_groups(model)
+    assert groups["enc1"] == ("encoder", "all") and groups["dec1"] == ("decoder", "all")
+    assert groups["final"] == (None, None)
+
+
+@pytest.mark.parametrize("upsample", ["deconv", "interp"])
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
+def test_unet_options(upsample, norm):
+    model = UNet(3, 1, 2, channels=(4, 8), norm=norm, upsample=upsample, act="gelu").eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 9, 10, 11)).shape == (2, 2, 9, 10, 11)
+
+
+def test_unet_bad_options():
+    with pytest.raises(ValueError, match="norm"):
+        UNet(3, channels=(4, 8), norm="weird")
+    with pytest.raises(ValueError, match="spatial_dims"):
+        UNet(4)
+    with pytest.raises(ValueError, match="upsample"):
+        UNet(2, channels=(4, 8), upsample="pixelshuffle")
+
+
+def test_features_carry_gradient_to_input():
+    model = models.build("unet3d", channels=(4, 8, 16))
+    x = torch.randn(1, 1, 12, 12, 12, requires_grad=True)
+    _, feats = model.forward_features(x)
+    feats["enc1"].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_deploy_returns_model_without_training_parts():
+    model = models.build("unet3d", channels=(4, 8))
+    assert models.deploy(model) is model

@@ -1,0 +1,202 @@
+"""SCR, IFD, the grouped SelfReg loss and the segmentation loss against plain re-computations."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_selfreg import models
+from napari_selfreg.selfreg import (
+    SegmentationLoss,
+    SelfRegLoss,
+    ifd_loss,
+    scr_loss,
+    selfreg_loss,
+)
+
+
+def ifd_numpy(f: np.ndarray) -> float:
+    """IFD written from method.md with numpy loops, independent of the torch code."""
+    f = f.astype(np.float64)
+    b, c = f.shape[:2]
+    flat = f.reshape(b, c, -1)
+    scores = np.zeros(c)
+    for ci in range(c):
+        for bi in range(b):
+            v = flat[bi, ci]
+            scores[ci] += (v / max(np.sqrt((v * v).sum()), 1e-12)).mean()
+    scores /= b
+    order = sorted(range(c), key=lambda i: -scores[i])
+    half = c // 2
+    top = flat[:, order[:half]]
+    bottom = flat[:, order[half : 2 * half]]
+    return float(((top - bottom) ** 2).mean())
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 5, 9), (3, 6, 4, 7, 5), (1, 5, 3, 11)])
+def test_ifd_matches_independent_computation(shape):
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=shape).astype(np.float32) + rng.normal(
+        size=(1, shape[1]) + (1,) * (len(shape) - 2)
+    )
+    f = f.astype(np.float32)
+    got = ifd_loss(torch.from_numpy(f)).item()
+    assert got == pytest.approx(ifd_numpy(f), rel=1e-5, abs=1e-6)
+
+
+def test_ifd_gradient_reaches_both_halves():
+    torch.manual_seed(0)
+    f = torch.randn(2, 8, 6, 5, 4, requires_grad=True)
+    ifd_loss(f).backward()
+    per_channel = f.grad.abs().sum(dim=(0, 2, 3, 4))
+    assert (per_channel > 0).all()  # top and bottom halves both get gradient
+
+
+def test_ifd_single_channel_is_zero():
+    assert ifd_loss(torch.randn(2, 1, 4, 4)).item() == 0.0
+
+
+def scr_expectation(student: np.ndarray, pooled: np.ndarray) -> float:
+    """Exact mean of SCR over uniformly random pairings.
+
+    With K = min(Cs, Ct), each chosen pair (a, b) is uniform over all Cs x Ct pairs,
+    so E[SCR] = mean over all (a, b) of mean((S_a - T_b)^2).
+    """
+    s = student.astype(np.float64)
+    t = pooled.astype(np.float64)
+    total = 0.0
+    for a in range(s.shape[1]):
+        for b in range(t.shape[1]):
+            total += ((s[:, a] - t[:, b]) ** 2).mean()
+    return total / (s.shape[1] * t.shape[1])
+
+
+@pytest.mark.parametrize(
+    "s_shape,t_shape",
+    [
+        ((2, 6, 4, 5), (2, 4, 8, 10)),
+        ((1, 3, 3, 4, 5), (1, 5, 6, 8, 10)),
+        ((2, 4, 3, 7), (2, 4, 3, 7)),
+    ],
+)
+def test_scr_mean_matches_expectation(s_shape, t_shape):
+    rng = np.random.default_rng(2)
+    s = torch.from_numpy(rng.normal(size=s_shape).astype(np.float32))
+    t = torch.from_numpy((rng.normal(size=t_shape) + 0.5).astype(np.float32))
+    pool = (
+        torch.nn.functional.adaptive_avg_pool2d
+        if s.ndim == 4
+        else torch.nn.functional.adaptive_avg_pool3d
+    )
+    expected = scr_expectation(s.numpy(), pool(t, s.shape[2:]).numpy())
+    gen = torch.Generator().manual_seed(0)
+    draws = [scr_loss(s, t, gen).item() for _ in range(3000)]
+    assert np.mean(draws) == pytest.approx(expected, rel=0.01)
+
+
+def test_scr_pools_to_non_square_student_size():
+    # The official code pools to (H, H); a non-square student must see (H, W).
+    s = torch.zeros(1, 2, 3, 7)
+    t = torch.arange(2 * 6 * 14, dtype=torch.float32).reshape(1, 2, 6, 14)
+    loss = scr_loss(s, t, torch.Generator().manual_seed(0))
+    pooled = torch.nn.functional.adaptive_avg_pool2d(t, (3, 7))
+    assert loss.item() == pytest.approx(pooled.pow(2).mean().item(), rel=1e-6)
+
+
+def test_scr_sends_no_gradient_into_teacher():
+    s = torch.randn(2, 4, 5, 6, requires_grad=True)
+    t = torch.randn(2, 3, 10, 12, requires_grad=True)
+    scr_loss(s, t).backward()
+    assert t.grad is None
+    assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_scr_is_reproducible_with_seeded_generator():
+    s, t = torch.randn(2, 16, 4, 4), torch.randn(2, 8, 8, 8)
+    a = [scr_loss(s, t, torch.Generator().manual_seed(5)).item() for _ in range(2)]
+    b = [scr_loss(s, t, g).item() for g in [torch.Generator().manual_seed(6)]]
+    assert a[0] == a[1]
+    assert b[0] != a[0]
+
+
+def test_selfreg_loss_groups_like_official_code():
+    torch.manual_seed(0)
+    model = models.build("unet3d", channels=(4, 8, 16, 16))
+    _, feats = model.forward_features(torch.randn(2, 1, 16, 16, 16))
+    groups = models.selfreg_groups(model)
+    total, terms = selfreg_loss(
+        feats, 0.015, 0.02, torch.Generator().manual_seed(3), groups=groups
+    )
+    enc = ["enc1", "enc2", "bottleneck"]
+    dec = ["dec2", "dec1"]
+    ifd = np.mean([ifd_loss(feats[n]).item() for n in enc]) + np.mean(
+        [ifd_loss(feats[n]).item() for n in dec]
+    )
+    gen = torch.Generator().manual_seed(3)
+    scr_each = {}
+    for name in feats:  # same draw order as selfreg_loss: students in feature order
+        if groups[name][1] is not None:
+            scr_each[name] = scr_loss(feats[name], feats["final"], gen).item()
+    scr = np.mean(list(scr_each.values()))
+    assert sorted(k for k in terms if k.startswith("ifd/")) == sorted(
+        f"ifd/{n}" for n in enc + dec
+    )
+    assert "ifd/stem" not in terms and "scr/final" not in terms
+    assert terms["ifd"].item() == pytest.approx(ifd, rel=1e-5)
+    assert terms["scr"].item() == pytest.approx(scr, rel=1e-5)
+    assert total.item() == pytest.approx(0.015 * scr + 0.02 * ifd, rel=1e-5)
+    # default groups follow the same naming convention
+    total_default, _ = selfreg_loss(feats, 0.015, 0.02, torch.Generator().manual_seed(3))
+    assert total_default.item() == pytest.approx(total.item(), rel=1e-6)
+
+
+def test_selfreg_loss_needs_teacher():
+    with pytest.raises(KeyError, match="final"):
+        selfreg_loss({"enc1": torch.randn(1, 2, 3, 3)})
+
+
+def _dice_loss_numpy(probs, target, k, include_background):
+    dices = []
+    for c in range(0 if include_background else 1, k):
+        p = probs[:, c]
+        g = (target == c).astype(np.float64)
+        dices.append((2 * (p * g).sum() + 1e-5) / (p.sum() + g.sum() + 1e-5))
+    return 1 - np.mean(dices)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_segmentation_loss_matches_plain_computation(ndim):
+    rng = np.random.default_rng(3)
+    shape = (2, 4, *([5, 7, 6][:ndim]))
+    logits = rng.normal(size=shape)
+    target = rng.integers(0, 4, size=(shape[0], *shape[2:]))
+    loss = SegmentationLoss(ce_weight=0.3, dice_weight=0.7)
+    total, parts = loss(torch.tensor(logits, dtype=torch.float32), torch.tensor(target))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    ce = -np.mean(np.log(np.take_along_axis(probs, target[:, None], 1)))
+    dice = _dice_loss_numpy(probs, target, 4, include_background=False)
+    assert parts["ce"].item() == pytest.approx(ce, rel=1e-5)
+    assert parts["dice"].item() == pytest.approx(dice, rel=1e-5)
+    assert total.item() == pytest.approx(0.3 * ce + 0.7 * dice, rel=1e-5)
+
+
+def test_segmentation_loss_voxel_weights_ignore_voxels():
+    logits = torch.randn(1, 3, 4, 4)
+    target = torch.randint(0, 3, (1, 4, 4))
+    weight = torch.zeros(1, 4, 4)
+    weight[:, :2] = 1
+    loss = SegmentationLoss()
+    weighted, _ = loss(logits, target, weight)
+    cropped, _ = loss(logits[..., :2, :], target[:, :2])
+    assert weighted.item() == pytest.approx(cropped.item(), rel=1e-5)
+
+
+def test_selfreg_module_switches_off():
+    model = models.build("unet2d", channels=(4, 8, 8))
+    x, y = torch.randn(2, 1, 16, 16), torch.randint(0, 2, (2, 16, 16))
+    logits, feats = model.forward_features(x)
+    off, parts_off = SelfRegLoss(lambda_scr=0, lambda_ifd=0)(logits, feats, y)
+    on, parts_on = SelfRegLoss(groups=models.selfreg_groups(model))(logits, feats, y)
+    assert "scr" not in parts_off and "scr" in parts_on
+    assert on.item() > off.item()
+    assert parts_on["seg"].item() == pytest.approx(off.item())
+    on.backward()
