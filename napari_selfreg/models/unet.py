@@ -227,10 +227,15 @@ def unet2d(in_channels: int = 1, num_classes: int = 2, **options) -> UNet:
 
 @register_model("unet3d")
 def unet3d(in_channels: int = 1, num_classes: int = 2, **options) -> UNet:
-    """3D UNet; small CPU-friendly defaults (16-32-64-128-256, instance norm, deconv)."""
+    """3D UNet with CPU-friendly defaults: 16-32-64-128-192 (4.6 M parameters), BatchNorm.
+
+    BatchNorm (not instance norm) because its eval-mode statistics do not depend on
+    the tile, so sliding-window outputs agree across tile borders, and it runs about
+    2x faster under CPU bf16 autocast here (measured on a 128^3 tile).
+    """
     defaults = {
-        "channels": (16, 32, 64, 128, 256),
-        "norm": "instance",
+        "channels": (16, 32, 64, 128, 192),
+        "norm": "batch",
         "act": "leakyrelu",
         "upsample": "deconv",
     }
