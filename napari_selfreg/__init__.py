@@ -16,8 +16,13 @@ _LAZY = {
     "save_model": "napari_selfreg.modelfile",
     "load_model": "napari_selfreg.modelfile",
     "list_models": "napari_selfreg.modelfile",
+    "segment": "napari_selfreg.predict",
+    "iter_segment": "napari_selfreg.predict",
+    "Predictor": "napari_selfreg.predict",
+    "read_volume": "napari_selfreg.io",
+    "write_labels": "napari_selfreg.io",
 }
-_SUBMODULES = {"models", "selfreg", "modelfile", "data"}
+_SUBMODULES = {"models", "selfreg", "modelfile", "data", "io", "preprocess", "predict", "analysis"}
 
 
 def __getattr__(name: str):

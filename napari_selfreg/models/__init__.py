@@ -93,7 +93,7 @@ def deploy(model: nn.Module) -> nn.Module:
 
 def _import_builtin() -> None:
     # Importing the modules runs their @register_model decorators.
-    from . import unet  # noqa: F401
+    from . import missu, swin_unet, unet  # noqa: F401
 
 
 __all__ = ["FeatureInfo", "available", "build", "deploy", "register_model", "selfreg_groups"]
