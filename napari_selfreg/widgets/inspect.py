@@ -1,0 +1,522 @@
+"""Inspect features dock widget: block channels, PCA composite, redundancy plots, Grad-CAM.
+
+A thin shell over :mod:`napari_selfreg.analysis`: it reads the choices and the
+region from the viewer, runs ``analysis.iter_inspect`` in a ``thread_worker``
+(progress, Cancel) and turns the result into aligned Image layers and
+matplotlib plots. torch is imported only inside the worker threads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from napari.layers import Image, Points, Shapes
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.transforms import Affine
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .. import analysis
+from ..modelfile import BUNDLED_DIR, list_models
+
+LOAD_FILE = "Load file..."
+VISIBLE, CENTRED = "visible region", "centred patch"
+MAX_VOXELS = {2: 1024 * 1024, 3: 128**3}
+BAR_STATS = [
+    ("mean_abs_cos", "mean off-diagonal |cos|", False),
+    ("ifd", "IFD", True),
+    ("scr", "SCR vs final", True),
+    ("effective_rank", "effective rank", False),
+]
+
+
+def _load_model(path: str):
+    from ..modelfile import load_model
+
+    return load_model(path)
+
+
+def _inspect_job(bundles, data, block, **kwargs):
+    """Worker body: materialise the image (dask/zarr too), then run the analysis."""
+    image = np.asarray(data)
+    return (yield from analysis.iter_inspect(bundles, image, block, **kwargs))
+
+
+class _Combo(QComboBox):
+    """A combo box that refreshes its items right before it opens."""
+
+    def __init__(self, refresh):
+        super().__init__()
+        self._refresh = refresh
+
+    def showPopup(self):  # noqa: N802 (Qt name)
+        self._refresh()
+        super().showPopup()
+
+
+class InspectWidget(QWidget):
+    """Dock widget for the feature inspector (construct with the viewer only)."""
+
+    def __init__(self, viewer):
+        super().__init__()
+        self.viewer = viewer
+        self._bundles: dict[str, object] = {}
+        self._loaders: dict[str, object] = {}
+        self._failed: dict[str, str] = {}
+        self._worker = None
+        self._results = None
+        self._extra_models: list[str] = []
+
+        self.image_combo = _Combo(self._refresh_layers)
+        self.model_combo = _Combo(self._refresh_models)
+        self.compare_combo = _Combo(self._refresh_models)
+        self.block_combo = QComboBox()
+        self.region_combo = _Combo(self._refresh_layers)
+        self.topk_spin = QSpinBox()
+        self.topk_spin.setRange(1, 32)
+        self.topk_spin.setValue(4)
+        self.class_combo = QComboBox()
+        self.precision_combo = QComboBox()
+        self.precision_combo.addItems(["fp32", "bf16"])
+        self.precision_combo.setToolTip("bf16 is faster on CPUs with AMX/AVX-512 bf16")
+
+        form = QFormLayout()
+        form.addRow("image", self.image_combo)
+        form.addRow("model", self.model_combo)
+        form.addRow("compare with", self.compare_combo)
+        form.addRow("block", self.block_combo)
+        form.addRow("region", self.region_combo)
+        form.addRow("top-k channels", self.topk_spin)
+        form.addRow("Grad-CAM class", self.class_combo)
+        form.addRow("precision", self.precision_combo)
+
+        self.run_button = QPushButton("Run")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        self.progress = QProgressBar()
+        self.progress.setTextVisible(True)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        self.figure = Figure(figsize=(4.0, 7.0), dpi=100, layout="constrained")
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(520)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addWidget(self.canvas, stretch=1)
+
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.model_combo.activated.connect(self._on_model_activated)
+        self.compare_combo.activated.connect(self._on_model_activated)
+        self.model_combo.currentIndexChanged.connect(self._on_model_changed)
+        self.compare_combo.currentIndexChanged.connect(self._on_model_changed)
+        self.block_combo.currentTextChanged.connect(self._on_block_changed)
+        viewer.layers.events.inserted.connect(self._refresh_layers)
+        viewer.layers.events.removed.connect(self._refresh_layers)
+        self._refresh_layers()
+        self._refresh_models()
+        self._on_model_changed()
+
+    # ------------------------------------------------------------ choices
+
+    def _refresh_layers(self, *_):
+        """Fill the image and region combos from the viewer's layers."""
+        images = [ly.name for ly in self.viewer.layers if isinstance(ly, Image)]
+        _set_items(self.image_combo, [(n, n) for n in images])
+        boxes = [
+            (f"box of {ly.name}", ly.name)
+            for ly in self.viewer.layers
+            if isinstance(ly, Shapes | Points) and len(ly.data)
+        ]
+        _set_items(self.region_combo, [(VISIBLE, VISIBLE), (CENTRED, CENTRED), *boxes])
+
+    def _refresh_models(self, *_):
+        """Fill the model combos: bundled and user models, loaded files, 'Load file...'."""
+        items = []
+        for name, folder, _card in list_models():
+            label = f"{name} (bundled)" if folder.parent == BUNDLED_DIR else name
+            items.append((label, str(folder)))
+        known = {p for _, p in items}
+        items += [(Path(p).name, p) for p in self._extra_models if p not in known]
+        _set_items(self.model_combo, [*items, (LOAD_FILE, LOAD_FILE)])
+        _set_items(self.compare_combo, [("(none)", None), *items, (LOAD_FILE, LOAD_FILE)])
+
+    def add_model(self, path: str | Path, compare: bool = False) -> None:
+        """Add a model folder to the choices and select it (model, or second model)."""
+        path = str(Path(path))
+        if path not in self._extra_models:
+            self._extra_models.append(path)
+        self._refresh_models()
+        combo = self.compare_combo if compare else self.model_combo
+        combo.setCurrentIndex(combo.findData(path))
+
+    def _on_model_activated(self, _index: int) -> None:
+        combo = self.sender()
+        if combo.currentData() != LOAD_FILE:
+            return
+        path = QFileDialog.getExistingDirectory(self, "Choose a napari-selfreg model folder")
+        combo.setCurrentIndex(0)
+        if path:
+            self.add_model(path, compare=combo is self.compare_combo)
+
+    def _on_model_changed(self, *_):
+        for path in self._model_paths():
+            if path not in self._bundles and path not in self._loaders:
+                self._failed.pop(path, None)  # choosing it again retries
+                worker = create_worker(_load_model, path, _ignore_errors=True)
+                worker.returned.connect(lambda b, p=path: self._on_model_loaded(p, b))
+                worker.errored.connect(lambda e, p=path: self._on_load_failed(p, e))
+                self._loaders[path] = worker
+                self.status.setText(f"loading {Path(path).name}...")
+                worker.start()
+        self._refresh_blocks()
+
+    def _on_model_loaded(self, path, bundle):
+        self._loaders.pop(path, None)
+        self._bundles[path] = bundle
+        self.status.setText(f"model {bundle.card.name} ready")
+        self._refresh_blocks()
+
+    def _on_load_failed(self, path, err):
+        self._loaders.pop(path, None)
+        self._failed[path] = f"cannot load model {Path(path).name}: {err}"
+        self._message(self._failed[path], error=True)
+
+    def _model_paths(self) -> list[str]:
+        paths = [self.model_combo.currentData(), self.compare_combo.currentData()]
+        return [p for p in paths if p not in (None, LOAD_FILE)]
+
+    def _refresh_blocks(self):
+        """Blocks and classes of the first model (once loaded)."""
+        bundle = self._bundles.get(self.model_combo.currentData())
+        if bundle is None:
+            return
+        blocks = [f.name for f in bundle.network.feature_info]
+        keep = self.block_combo.currentText()
+        _set_items(self.block_combo, [(b, b) for b in blocks])
+        default = keep if keep in blocks else "bottleneck" if "bottleneck" in blocks else blocks[0]
+        self.block_combo.setCurrentText(default)
+        classes = [("off", "off"), ("all classes", None)]
+        classes += [(n, i) for i, n in enumerate(bundle.card.class_names) if i > 0]
+        keep = self.class_combo.currentText()
+        _set_items(self.class_combo, classes)
+        if self.class_combo.findText(keep) >= 0:
+            self.class_combo.setCurrentText(keep)
+        else:
+            self.class_combo.setCurrentIndex(2 if len(classes) > 2 else 1)
+
+    def _on_block_changed(self, block: str):
+        if self._results and all(block in r.stats for r in self._results):
+            self.draw_plots(self._results, block)
+
+    # --------------------------------------------------------------- run
+
+    def _message(self, text: str, error: bool = False) -> None:
+        self.status.setText(text)
+        (show_error if error else show_warning)(text)
+
+    def run(self) -> None:
+        """Start the analysis in a worker thread (does nothing while one runs)."""
+        if self._worker is not None:
+            show_info("the inspector is already running")
+            return
+        layer = self._image_layer()
+        if layer is None:
+            return self._message("Add an image layer first: there is nothing to inspect.", True)
+        if layer.rgb or layer.multiscale:
+            kind = "RGB" if layer.rgb else "multiscale"
+            return self._message(f"{kind} image {layer.name!r} cannot be inspected.", True)
+        if layer.ndim not in (2, 3):
+            return self._message(f"image {layer.name!r} is {layer.ndim}D; use 2D or 3D.", True)
+        paths = self._model_paths()
+        if not paths:
+            return self._message("Choose a model first.", True)
+        failed = [self._failed[p] for p in paths if p in self._failed]
+        if failed:
+            return self._message(failed[0], True)
+        bundles = [self._bundles.get(p) for p in paths]
+        if any(b is None for b in bundles):
+            return self._message("The model is still loading; press Run again in a moment.")
+        block = self.block_combo.currentText()
+        sd = bundles[0].network.spatial_dims
+        if sd == 3 and layer.ndim == 2:
+            return self._message(
+                f"model {bundles[0].card.name!r} is 3D and image {layer.name!r} is 2D.", True
+            )
+        try:
+            region, shrunk = self._region(layer, bundles[0])
+        except analysis.InspectError as err:
+            return self._message(str(err), True)
+        if shrunk:
+            show_warning("the region was reduced to keep the computation small")
+        cam_class = self.class_combo.currentData()
+        self._target = {
+            "name": layer.name,
+            "scale": np.asarray(layer.scale, float),
+            "translate": np.asarray(layer.translate, float),
+            "rotate": np.asarray(layer.rotate),
+            "shear": np.asarray(layer.shear),
+            "affine": layer.affine.affine_matrix,
+            "linear": Affine(
+                scale=layer.scale, rotate=layer.rotate, shear=layer.shear
+            ).linear_matrix,
+            "class_names": bundles[0].card.class_names,
+            "block": block,
+        }
+        worker = create_worker(
+            _inspect_job,
+            bundles,
+            layer.data,
+            block,
+            region=region,
+            spacing=tuple(layer.scale),
+            top_k=self.topk_spin.value(),
+            cam_class=None if cam_class == "off" else cam_class,
+            cam=cam_class != "off",
+            precision=self.precision_combo.currentText(),
+            _ignore_errors=True,
+        )
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_errored)
+        worker.aborted.connect(lambda: self.status.setText("cancelled; nothing was added"))
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.status.setText("running...")
+        worker.start()
+
+    def cancel(self) -> None:
+        """Ask the running job to stop at its next step."""
+        if self._worker is not None:
+            self.status.setText("cancelling...")
+            self._worker.quit()
+
+    def _on_progress(self, event) -> None:
+        self.progress.setMaximum(max(1, event.total))
+        self.progress.setValue(event.done)
+        self.progress.setFormat(f"%p%  {event.message or event.stage}")
+
+    def _on_errored(self, err) -> None:
+        if isinstance(err, ValueError):
+            self._message(str(err), True)
+        else:
+            self._message(f"the inspector failed: {type(err).__name__}: {err}", True)
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+    def _on_returned(self, results) -> None:
+        self._results = results
+        self.add_layers(results)
+        self.draw_plots(results, self._target["block"])
+        notes = [n for r in results for n in r.features.notes]
+        notes += [n for r in results if r.cams for n in r.cams.notes]
+        for note in dict.fromkeys(notes):
+            show_warning(note)
+        self.status.setText("done" + ("; " + "; ".join(dict.fromkeys(notes)) if notes else ""))
+
+    def closeEvent(self, event):  # noqa: N802 (Qt name)
+        """Stop the job and stop listening to the viewer."""
+        self.cancel()
+        self.viewer.layers.events.inserted.disconnect(self._refresh_layers)
+        self.viewer.layers.events.removed.disconnect(self._refresh_layers)
+        super().closeEvent(event)
+
+    # ------------------------------------------------------------ region
+
+    def _image_layer(self):
+        name = self.image_combo.currentData()
+        if name in self.viewer.layers and isinstance(self.viewer.layers[name], Image):
+            return self.viewer.layers[name]
+        return None
+
+    def _region(self, layer, bundle):
+        """Region (tuple of slices) for the chosen mode and whether it was shrunk.
+
+        Axes the view shows come from the camera (``corner_pixels``), the box
+        layer or the image centre; the others from the current slice, widened
+        to the model's patch (a 2D model on a 3D image gets one slice).
+        """
+        shape = layer.data.shape
+        sd = bundle.network.spatial_dims
+        patch = list(bundle.card.patch_size or [analysis.DEFAULT_PATCH[sd]] * sd)
+        dims = self.viewer.dims
+        offset = dims.ndim - layer.ndim
+        displayed = [a - offset for a in dims.displayed if a >= offset]
+        point = np.asarray(layer.world_to_data(dims.point), float)
+        thin = None
+        thickness = patch[-layer.ndim :]
+        if sd == 2 and layer.ndim == 3:
+            hidden = [a for a in range(3) if a not in displayed]
+            thin = hidden[0] if hidden else 0
+            displayed = [a for a in displayed if a != thin]
+            thickness = [*patch[:thin], 1, *patch[thin:]]
+        mode = self.region_combo.currentData()
+        lo, hi = point.copy(), point.copy()
+        if mode == CENTRED:
+            for a in displayed if thin is not None else range(layer.ndim):
+                lo[a] = hi[a] = (shape[a] - 1) / 2
+        elif mode == VISIBLE or mode not in self.viewer.layers:
+            corners = np.asarray(layer.corner_pixels, float)
+            for a in displayed:
+                drawn = corners[1, a] > corners[0, a]
+                lo[a], hi[a] = (corners[0, a], corners[1, a]) if drawn else (0, shape[a] - 1)
+        else:
+            world = self.viewer.layers[mode].extent.world
+            grid = np.meshgrid(*world.T, indexing="ij")
+            data = np.array([layer.world_to_data(c) for c in np.reshape(grid, (len(grid), -1)).T])
+            lo, hi = data.min(axis=0), data.max(axis=0)
+            # keep the drawn extent; flat axes (a rectangle on one slice) get the patch
+            thickness = [
+                t if h - lo_ < 1 else 1 for t, lo_, h in zip(thickness, lo, hi, strict=True)
+            ]
+            if thin is not None:
+                lo[thin] = hi[thin] = point[thin]
+        region = analysis.box_region(lo, hi, shape, thickness)
+        limited = analysis.limit_region(region, MAX_VOXELS[sd])
+        return limited, limited != region
+
+    # ----------------------------------------------------------- outputs
+
+    def _place(self, name, data, origin, reduction, **kwargs):
+        """Add (or replace) an Image layer aligned with the inspected image."""
+        t = self._target
+        scale, translate = analysis.block_placement(
+            origin, reduction, t["scale"], t["translate"], t["linear"]
+        )
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        return self.viewer.add_image(
+            data,
+            name=name,
+            scale=scale,
+            translate=translate,
+            rotate=t["rotate"],
+            shear=t["shear"],
+            affine=t["affine"],
+            **kwargs,
+        )
+
+    def add_layers(self, results) -> None:
+        """Top-k channel layers, the PCA composite and the Grad-CAM map of the chosen block."""
+        block = self._target["block"]
+        for res in results:
+            fs, model = res.features, res.features.model
+            red = fs.reductions[block]
+            feature = fs.features[block]
+            for rank, c in enumerate(res.top):
+                lo, hi = np.percentile(feature[c], [1, 99.5])
+                self._place(
+                    f"features/{model}/{block}/ch{c}",
+                    feature[c],
+                    fs.origin,
+                    red,
+                    colormap="magma",
+                    contrast_limits=(float(lo), float(max(hi, lo + 1e-6))),
+                    visible=rank == 0 and res is results[0],
+                    metadata={"energy_rank": rank, "channel": int(c)},
+                )
+            self._place(
+                f"features/{model}/{block}/PCA",
+                res.pca,
+                fs.origin,
+                red,
+                rgb=True,
+                opacity=0.7,
+                visible=res is results[0],
+            )
+            if res.cams is not None:
+                ci = res.cams.class_index
+                names = self._target["class_names"]
+                label = "all" if ci is None else names[ci] if ci < len(names) else str(ci)
+                self._place(
+                    f"grad-cam/{model}/{block}/class {label}",
+                    res.cams.maps[block],
+                    res.cams.origin,
+                    1,
+                    colormap="turbo",
+                    blending="additive",
+                    opacity=0.5,
+                    contrast_limits=(0.0, 1.0),
+                    visible=res is results[0],
+                )
+        if self._target["name"] in self.viewer.layers:
+            self.viewer.layers.selection.active = self.viewer.layers[self._target["name"]]
+
+    def draw_plots(self, results, block: str) -> None:
+        """Cosine-similarity heatmap(s) of ``block`` and per-block bar charts."""
+        fig = self.figure
+        fig.clear()
+        grid = fig.add_gridspec(3, 2, height_ratios=[1.4, 1, 1])
+        n = len(results)
+        for i, res in enumerate(results):
+            ax = fig.add_subplot(grid[0, i] if n == 2 else grid[0, :])
+            im = ax.imshow(res.stats[block].similarity, vmin=0, vmax=1, cmap="viridis")
+            ax.set_title(f"{res.features.model}\n{block}: |cos|", fontsize=8)
+            ax.tick_params(labelsize=6)
+            ax.set_xlabel("channel", fontsize=7)
+        fig.colorbar(im, ax=fig.axes[:n], shrink=0.8).ax.tick_params(labelsize=6)
+        blocks = list(results[0].stats)
+        x = np.arange(len(blocks))
+        width = 0.8 / n
+        for j, (key, title, log) in enumerate(BAR_STATS):
+            ax = fig.add_subplot(grid[1 + j // 2, j % 2])
+            for i, res in enumerate(results):
+                values = [getattr(res.stats[b], key) if b in res.stats else np.nan for b in blocks]
+                ax.bar(x + (i - (n - 1) / 2) * width, values, width, label=res.features.model)
+            ax.set_title(title, fontsize=8)
+            ax.set_xticks(x, blocks, rotation=90, fontsize=6)
+            ax.tick_params(axis="y", labelsize=6)
+            shown = np.array([getattr(s, key) for r in results for s in r.stats.values()])
+            shown = shown[np.isfinite(shown) & (shown > 0)]
+            if log and shown.size and shown.max() > 20 * shown.min():
+                ax.set_yscale("log")
+            for tick in ax.get_xticklabels():
+                if tick.get_text() == block:
+                    tick.set_fontweight("bold")
+        if n == 2:
+            handles, labels = fig.axes[-1].get_legend_handles_labels()
+            fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=7)
+        self.canvas.draw_idle()
+
+
+def _set_items(combo: QComboBox, items) -> None:
+    """Replace a combo's (label, data) items, keeping the current choice when it remains."""
+    current = combo.currentData()
+    if [(combo.itemText(i), combo.itemData(i)) for i in range(combo.count())] == list(items):
+        return
+    combo.blockSignals(True)
+    combo.clear()
+    for label, data in items:
+        combo.addItem(label, data)
+    index = combo.findData(current)
+    combo.setCurrentIndex(index if index >= 0 else 0)
+    combo.blockSignals(False)
+    if combo.currentData() != current:
+        combo.currentIndexChanged.emit(combo.currentIndex())

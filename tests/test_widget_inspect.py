@@ -1,0 +1,211 @@
+"""Inspect features dock widget in a real napari viewer (run under xvfb-run)."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from napari_selfreg import analysis, models
+from napari_selfreg.modelfile import ModelCard, save_model
+from napari_selfreg.widgets import inspect as inspect_mod
+from napari_selfreg.widgets.inspect import CENTRED, InspectWidget
+
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_torch_thread")]
+
+
+def _image(shape, seed=0):
+    try:
+        from napari_selfreg.data import make_phantom
+    except ImportError:
+        make_phantom = None
+    if make_phantom is not None:
+        return np.asarray(make_phantom(shape, seed=seed)[0], dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    img = sum(np.exp(-sum((g - c) ** 2 for g, c in zip(grids, rng.uniform(-0.5, 0.5, 3), strict=True)) / 0.05)
+              for _ in range(3))  # fmt: skip
+    return (100 + 50 * img + rng.normal(0, 2, shape)).astype(np.float32)
+
+
+def _save(name, dims=3, seed=0):
+    torch.manual_seed(seed)
+    arch = f"unet{dims}d"
+    net = models.build(arch, channels=(4, 8, 16))
+    with torch.no_grad():
+        net.head.bias[1] += 0.5  # some voxels predicted as "blob"
+    card = ModelCard(name, arch, {"channels": [4, 8, 16]}, ["background", "blob"])
+    return save_model(net, card)
+
+
+@pytest.fixture
+def env(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """A viewer, the widget, a tiny saved model, and the messages the widget shows."""
+    monkeypatch.setenv("NAPARI_SELFREG_HOME", str(tmp_path))
+    analysis.clear_cache()
+    path = _save("tiny")
+    messages = []
+    for kind in ("show_error", "show_warning", "show_info"):
+        monkeypatch.setattr(
+            inspect_mod, kind, lambda text, kind=kind: messages.append((kind, str(text)))
+        )
+    viewer = make_napari_viewer()
+    widget = InspectWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.model_combo.setCurrentIndex(widget.model_combo.findData(str(path)))
+    qtbot.waitUntil(lambda: widget.block_combo.count() > 0, timeout=20000)
+    yield viewer, widget, messages
+    if widget._worker is not None:
+        widget.cancel()
+        qtbot.waitUntil(lambda: widget._worker is None, timeout=20000)
+
+
+def _wait_done(qtbot, widget):
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=30000)
+
+
+def _slow_stats(monkeypatch, seconds=0.3):
+    block_stats = analysis.block_stats
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return block_stats(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "block_stats", slow)
+
+
+def test_no_image_layer_and_broken_model_are_clear_errors(env, qtbot, tmp_path):
+    viewer, widget, messages = env
+    widget.run()
+    assert messages == [("show_error", "Add an image layer first: there is nothing to inspect.")]
+    assert widget._worker is None and widget.run_button.isEnabled()
+    assert "image layer" in widget.status.text()
+    broken = tmp_path / "models" / "broken"
+    broken.mkdir()
+    (broken / "model.json").write_text("{not json")
+    widget.add_model(broken)
+    qtbot.waitUntil(lambda: len(messages) == 2, timeout=20000)
+    assert messages[1][0] == "show_error" and "cannot load model broken" in messages[1][1]
+    assert "not valid JSON" in messages[1][1]
+    viewer.add_image(np.zeros((8, 8, 8), np.float32), name="vol")
+    widget.run()  # the chosen model failed to load: the same message again, no job
+    assert messages[2] == messages[1] and widget._worker is None
+
+
+def test_bad_images_are_refused(env):
+    viewer, widget, messages = env
+    viewer.add_image(np.zeros((20, 20, 3), np.uint8), rgb=True, name="photo")
+    widget.image_combo.setCurrentIndex(widget.image_combo.findData("photo"))
+    widget.run()
+    viewer.add_image(np.zeros((20, 20), np.float32), name="flat")
+    widget.image_combo.setCurrentIndex(widget.image_combo.findData("flat"))
+    widget.run()
+    assert [k for k, _ in messages] == ["show_error", "show_error"]
+    assert "RGB image 'photo'" in messages[0][1]
+    assert "is 3D and image 'flat' is 2D" in messages[1][1]
+    assert widget._worker is None and len(viewer.layers) == 2
+
+
+def test_run_adds_aligned_layers_and_plots(env, qtbot):
+    viewer, widget, messages = env
+    image = viewer.add_image(_image((20, 24, 22)), name="ct", scale=(2.0, 1.0, 0.5),
+                             translate=(5.0, -3.0, 1.0))  # fmt: skip
+    widget.image_combo.setCurrentIndex(widget.image_combo.findData("ct"))
+    assert widget.model_combo.currentText() == "tiny"
+    assert [widget.block_combo.itemText(i) for i in range(widget.block_combo.count())] == [
+        "stem", "enc1", "bottleneck", "dec1", "final"]  # fmt: skip
+    widget.block_combo.setCurrentText("enc1")
+    widget.region_combo.setCurrentIndex(widget.region_combo.findData(CENTRED))
+    widget.topk_spin.setValue(2)
+    widget.class_combo.setCurrentText("blob")
+
+    widget.run_button.click()
+    assert not widget.run_button.isEnabled()
+    widget.run()  # pressing Run twice does nothing harmful
+    assert ("show_info", "the inspector is already running") in messages
+    _wait_done(qtbot, widget)
+    assert widget.run_button.isEnabled()
+    assert not [m for m in messages if m[0] == "show_error"], messages
+
+    names = [layer.name for layer in viewer.layers]
+    channels = [n for n in names if n.startswith("features/tiny/enc1/ch")]
+    assert len(channels) == 2
+    pca = viewer.layers["features/tiny/enc1/PCA"]
+    cam = viewer.layers["grad-cam/tiny/enc1/class blob"]
+    assert pca.rgb and pca.data.shape == (10, 12, 11, 3)
+    assert cam.colormap.name == "turbo" and cam.blending == "additive" and cam.opacity == 0.5
+    assert cam.data.shape == (20, 24, 22) and cam.data.max() == pytest.approx(1.0)
+    # a feature voxel sits at the centre of the 2x2x2 image voxels it covers
+    for j in [(0, 0, 0), (3, 5, 7)]:
+        covered = [np.add(np.multiply(j, 2), d) for d in np.ndindex(2, 2, 2)]
+        centre = np.mean([image.data_to_world(v) for v in covered], axis=0)
+        np.testing.assert_allclose(pca.data_to_world(j), centre)
+        np.testing.assert_allclose(viewer.layers[channels[0]].data_to_world(j), centre)
+    np.testing.assert_allclose(cam.data_to_world((4, 4, 4)), image.data_to_world((4, 4, 4)))
+
+    # plots: the heatmap of enc1 and four bar charts with one bar per block
+    axes = widget.figure.axes
+    heat = axes[0].get_images()[0].get_array()
+    assert heat.shape == (8, 8)
+    stats = widget._results[0].stats
+    np.testing.assert_allclose(heat, stats["enc1"].similarity)
+    bars = [ax for ax in axes if ax.patches]
+    assert len(bars) == 4
+    heights = [p.get_height() for p in bars[3].patches]
+    np.testing.assert_allclose(heights, [s.effective_rank for s in stats.values()])
+    widget.block_combo.setCurrentText("bottleneck")  # redraws from the last result
+    assert widget.figure.axes[0].get_images()[0].get_array().shape == (16, 16)
+
+
+def test_cancel_stops_the_job_and_adds_nothing(env, qtbot, monkeypatch):
+    viewer, widget, messages = env
+    viewer.add_image(_image((16, 16, 16)), name="vol")
+    _slow_stats(monkeypatch)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.progress.value() >= 1, timeout=20000)
+    widget.cancel_button.click()
+    _wait_done(qtbot, widget)
+    assert widget.status.text() == "cancelled; nothing was added"
+    assert [layer.name for layer in viewer.layers] == ["vol"]
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_closing_the_image_while_running_loses_nothing(env, qtbot, monkeypatch):
+    viewer, widget, messages = env
+    viewer.add_image(_image((16, 16, 16)), name="vol", scale=(3, 1, 1))
+    _slow_stats(monkeypatch, 0.1)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.progress.value() >= 1, timeout=20000)
+    viewer.layers.remove("vol")
+    _wait_done(qtbot, widget)
+    assert not [m for m in messages if m[0] == "show_error"], messages
+    pca = viewer.layers["features/tiny/bottleneck/PCA"]
+    np.testing.assert_allclose(pca.scale, [12, 4, 4])  # still aligned with the removed image
+
+
+def test_compare_two_models_on_a_box(env, qtbot):
+    viewer, widget, messages = env
+    viewer.add_image(_image((12, 40, 36)), name="vol")
+    other = _save("other", seed=1)
+    widget.add_model(other, compare=True)
+    qtbot.waitUntil(lambda: str(other) in widget._bundles, timeout=20000)
+    viewer.dims.set_point(0, 6)
+    viewer.add_shapes([[[6, 8, 4], [6, 8, 20], [6, 27, 20], [6, 27, 4]]], name="roi")
+    widget.region_combo.setCurrentIndex(widget.region_combo.findData("roi"))
+    widget.block_combo.setCurrentText("final")
+    widget.class_combo.setCurrentText("off")
+    widget.run()
+    _wait_done(qtbot, widget)
+    assert not [m for m in messages if m[0] == "show_error"], messages
+    a = viewer.layers["features/tiny/final/PCA"]
+    b = viewer.layers["features/other/final/PCA"]
+    # the rectangle (rows 8..27, columns 4..20) on slice 6, as a slab of the default patch
+    assert a.data.shape == (12, 20, 17, 3) and b.data.shape == a.data.shape
+    np.testing.assert_allclose(a.translate, [0, 8, 4])
+    assert not [n for n in viewer.layers if n.name.startswith("grad-cam")]
+    heatmaps = [ax for ax in widget.figure.axes if ax.get_images()]
+    assert [ax.get_title().split("\n")[0] for ax in heatmaps] == ["tiny", "other"]
+    legend = widget.figure.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["tiny", "other"]
+    bars = [ax for ax in widget.figure.axes if ax.patches]
+    assert len(bars) == 4 and all(len(ax.patches) == 2 * 5 for ax in bars)
