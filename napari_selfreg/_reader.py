@@ -1,0 +1,140 @@
+"""npe2 reader: NIfTI and the other nibabel formats, DICOM series and TIFF stacks.
+
+``napari_get_reader(path)`` returns a reader callable for paths it takes and None,
+never an exception, for the rest. The reader returns one Image layer (or a Labels
+layer for integer volumes whose file name says they are labels) placed in world
+millimetres with ``io.napari_transform``; the source affine, spacing, file shape,
+axis order and the file's metadata stay in ``layer.metadata[META_KEY]`` so the
+writer can put them back on export. Files whose voxel axes are permuted against
+the world axes (sagittal, coronal acquisitions) are shown transposed to world
+order (see :func:`display_axes`); the writer restores the file's order.
+
+This module imports neither torch nor Qt: napari loads it at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SUFFIXES = (
+    ".nii",
+    ".nii.gz",
+    ".hdr",
+    ".img",
+    ".mgh",
+    ".mgz",
+    ".mnc",
+    ".dcm",
+    ".tif",
+    ".tiff",
+)
+LABEL_HINT = re.compile(r"(label|seg|mask|parc|aseg|annot)", re.IGNORECASE)
+META_KEY = "selfreg_volume"  # layer.metadata key with affine, spacing, source path, file metadata
+
+LayerData = tuple[Any, dict[str, Any], str]
+
+
+def napari_get_reader(path: str | os.PathLike | list) -> Callable[[Any], list[LayerData]] | None:
+    """Return :func:`read_layers` if ``path`` is a volume this plugin reads, else None."""
+    try:
+        if isinstance(path, list | tuple):
+            if len(path) != 1:
+                return None
+            path = path[0]
+        p = Path(path)
+        if p.is_dir():
+            return read_layers if _is_dicom_folder(p) else None
+        if p.name.lower().endswith(SUFFIXES) and p.is_file():
+            return read_layers
+    except (OSError, TypeError, ValueError):
+        return None
+    return None
+
+
+def read_layers(path: str | os.PathLike | list) -> list[LayerData]:
+    """Read one volume as napari layer data ``[(data, kwargs, "image" | "labels")]``."""
+    from .io import napari_transform, read_volume
+
+    if isinstance(path, list | tuple):
+        path = path[0]
+    volume = read_volume(path)
+    name = _layer_name(Path(path))
+    affine = np.asarray(volume.affine, dtype=float)
+    axes = display_axes(affine, volume.data.ndim)
+    data = (
+        np.transpose(volume.data, axes) if axes != tuple(range(volume.data.ndim)) else volume.data
+    )
+    layer_affine = affine.copy()
+    layer_affine[:, : len(axes)] = affine[:, list(axes)]
+    metadata = {
+        META_KEY: {
+            "affine": affine,
+            "spacing": tuple(float(s) for s in volume.spacing),
+            "shape": tuple(np.shape(volume.data)),
+            "axes": axes,
+            "source": str(path),
+            "metadata": volume.metadata,
+        }
+    }
+    transform = napari_transform(layer_affine, ndim=volume.data.ndim)
+    kwargs: dict[str, Any] = {"name": name, "metadata": metadata, **transform}
+    if _looks_like_labels(data, name):
+        return [(data, kwargs, "labels")]
+    return [(data, kwargs, "image")]
+
+
+def display_axes(affine: np.ndarray, ndim: int) -> tuple[int, ...]:
+    """File axes in the order of the world axes they are closest to (identity for 2D).
+
+    napari slices a layer along its data axes and cannot display a 3D layer whose
+    affine swaps the sliced axis with a displayed one (a singular 2D block), as
+    sagittal or coronal acquisitions do; the reader therefore hands napari the
+    array transposed to world order (a view), and the writer transposes it back.
+    """
+    identity = tuple(range(ndim))
+    if ndim != 3:
+        return identity
+    lin = np.abs(np.asarray(affine, dtype=float)[:3, :3])
+    order = tuple(int(i) for i in np.argmax(lin, axis=1))  # world axis d <- file axis order[d]
+    return order if sorted(order) == list(identity) else identity
+
+
+def _layer_name(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or name
+    return name
+
+
+def _looks_like_labels(data: Any, name: str) -> bool:
+    """Integer volume whose file name says labels/seg/mask: open it as a Labels layer."""
+    dtype = np.dtype(getattr(data, "dtype", np.float32))
+    return np.issubdtype(dtype, np.integer) and bool(LABEL_HINT.search(name))
+
+
+def _is_dicom_folder(folder: Path, probe: int = 16) -> bool:
+    """True if the folder holds DICOM files (``*.dcm`` or the ``DICM`` marker at byte 128)."""
+    checked = 0
+    for entry in sorted(folder.iterdir()):
+        if not entry.is_file():
+            continue
+        if entry.name.lower().endswith(".dcm"):
+            return True
+        try:
+            with open(entry, "rb") as fh:
+                fh.seek(128)
+                if fh.read(4) == b"DICM":
+                    return True
+        except OSError:
+            pass
+        checked += 1
+        if checked >= probe:
+            break
+    return False

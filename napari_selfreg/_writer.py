@@ -1,0 +1,113 @@
+"""npe2 writers: Labels and Image layers to NIfTI with the source affine.
+
+The voxel-to-world affine written is the layer's own placement in napari (its
+affine after scale, rotate, shear and translate), which is the source file's
+affine for layers opened by this plugin's reader or sample data and for labels
+made by Segment. When that placement still equals the affine kept in
+``layer.metadata`` by the reader, the source file's header is handed to
+``io`` as the reference so it is carried over too. This module imports neither
+torch nor Qt.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._reader import META_KEY
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
+    """Write one Labels layer to ``path`` (``.nii.gz`` / ``.nii``); return ``[path]``."""
+    from .io import write_labels as io_write_labels
+
+    path, array, affine, reference = _prepare(path, data, meta)
+    if array.min(initial=0) < 0:
+        raise ValueError("labels with negative values cannot be written as NIfTI labels")
+    written = io_write_labels(path, array, reference, affine=affine)
+    return [str(written or path)]
+
+
+def write_image(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
+    """Write one Image layer to ``path`` (``.nii.gz`` / ``.nii``); return ``[path]``."""
+    from .io import write_volume
+
+    path, array, affine, reference = _prepare(path, data, meta)
+    written = write_volume(path, array, reference, affine=affine)
+    return [str(written or path)]
+
+
+def layer_affine(meta: dict[str, Any], ndim: int) -> np.ndarray:
+    """The ``(4, 4)`` voxel-to-world matrix of a layer from its state dict ``meta``.
+
+    napari maps data to world as ``affine @ (translate + rotate @ shear @ scale)``;
+    a 2D layer gets an identity third axis.
+    """
+    from napari.utils.transforms import Affine
+
+    physical = Affine(
+        scale=meta.get("scale", np.ones(ndim)),
+        translate=meta.get("translate", np.zeros(ndim)),
+        rotate=meta.get("rotate"),
+        shear=meta.get("shear"),
+        ndim=ndim,
+    ).affine_matrix
+    outer = meta.get("affine")
+    outer = (
+        np.eye(ndim + 1) if outer is None else np.asarray(getattr(outer, "affine_matrix", outer))
+    )
+    matrix = outer @ physical
+    if ndim == 3:
+        return matrix
+    if ndim == 2:
+        out = np.eye(4)
+        out[:2, :2] = matrix[:2, :2]
+        out[:2, 3] = matrix[:2, 2]
+        return out
+    raise ValueError(f"only 2D and 3D layers can be written as NIfTI, not {ndim}D")
+
+
+def _prepare(path: str, data: Any, meta: dict[str, Any]):
+    if not str(path).lower().endswith(NIFTI_SUFFIXES):
+        path = f"{path}.nii.gz"
+    if isinstance(data, list):  # multiscale: the full-resolution level
+        data = data[0]
+    array = np.asarray(data)
+    if meta.get("rgb"):
+        raise ValueError("RGB images cannot be written as NIfTI volumes by napari-selfreg")
+    affine = layer_affine(meta, array.ndim)
+    source = (meta.get("metadata") or {}).get(META_KEY) or {}
+    axes = tuple(source.get("axes") or range(array.ndim))
+    file_shape = tuple(source.get("shape", ()))
+    if (
+        len(axes) == array.ndim
+        and axes != tuple(range(array.ndim))
+        and len(file_shape) == array.ndim
+        and array.shape == tuple(file_shape[a] for a in axes)
+    ):
+        # the reader showed the file transposed to world order: restore the file's order
+        inverse = np.argsort(axes)
+        array = np.transpose(array, inverse)
+        file_affine = affine.copy()
+        file_affine[:, list(axes)] = affine[:, : len(axes)]
+        affine = file_affine
+    reference = None
+    stored = source.get("affine")
+    if (
+        stored is not None
+        and file_shape == array.shape
+        and np.allclose(np.asarray(stored, dtype=float), affine, atol=1e-5)
+    ):
+        from .io import Volume
+
+        affine = np.asarray(stored, dtype=float)  # bit-exact source affine
+        reference = Volume(  # carries the source header; no voxel data is needed
+            np.broadcast_to(np.zeros((), np.uint8), array.shape),
+            affine,
+            tuple(source.get("spacing", ())),
+            dict(source.get("metadata") or {}),
+        )
+    return str(path), np.ascontiguousarray(array), affine, reference

@@ -1,0 +1,293 @@
+"""Segment dock widget: one ``Predictor.iter_segment`` call in a napari thread worker.
+
+The widget only gathers settings, runs the library generator in a worker (progress
+bar, Cancel) and adds the result as a *new* Labels layer placed exactly over the
+image, coloured and named from the model card. It never changes existing layers.
+torch is imported in the worker thread, not when the widget is created.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.layers import Image
+from qtpy.QtCore import QTimer, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+from ._common import (
+    JobPanel,
+    LayerPicker,
+    ModelPicker,
+    labels_colormap,
+    layer_spacing,
+    layer_transform,
+    unwrap,
+    user_error,
+    warn,
+)
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+EXTRAS = ("none", "uncertainty", "probabilities")
+PREDICTION_KEY = "selfreg_prediction"  # labels metadata: the labels as predicted (uint8 copy)
+MODEL_KEY = "selfreg_model"  # labels metadata: the model folder that predicted them
+SOURCE_KEYS = ("selfreg_volume",)  # image metadata copied to the labels (affine, header)
+
+
+def segment_job(
+    image: Any, spacing: tuple[float, ...] | None, model_path: Path, options: dict[str, Any]
+) -> Generator[Any, None, tuple[Any, Path, Any]]:
+    """Worker body: build the predictor and run ``iter_segment`` on ``image``.
+
+    Returns:
+        ``(card, model_path, SegmentationResult)``.
+    """
+    from ..predict import Predictor, Progress
+
+    yield Progress(0, 0, "prepare", f"Loading model {model_path.name}…")
+    predictor = Predictor(model_path, **options)
+    result = yield from predictor.iter_segment(image, spacing=spacing)
+    return predictor.card, model_path, result
+
+
+def _device_summary() -> tuple[str, str]:
+    from ..device import device_report
+
+    report = device_report()
+    lines = report.splitlines()
+    short = [ln for ln in lines if ln.startswith(("CUDA:", "auto choice:"))]
+    return " · ".join(short) or lines[-1], report
+
+
+class SegmentWidget(QWidget):
+    """Segment an image layer with a napari-selfreg model.
+
+    Attributes:
+        image_picker: the image layer to segment.
+        model_picker: bundled / user / loaded model folders.
+        job: progress bar, status and Cancel of the running segmentation.
+        segmented: Qt signal with the new Labels layer after each run.
+    """
+
+    segmented = Signal(object)
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = viewer
+        self.image_picker = LayerPicker(viewer, Image)
+        self.model_picker = ModelPicker()
+        self.model_info = QLabel("")
+        self.model_info.setWordWrap(True)
+        self.device = QComboBox()
+        self.device.addItems(DEVICES)
+        self.device_line = QLabel("checking devices…")
+        self.device_line.setWordWrap(True)
+        self.precision = QComboBox()
+        self.precision.addItems(PRECISIONS)
+        self.precision.setToolTip("auto: bf16 on CPUs/GPUs with bf16 units, fp16 on older GPUs")
+        self.tile = QSpinBox()
+        self.tile.setRange(0, 1024)
+        self.tile.setSingleStep(16)
+        self.tile.setSpecialValueText("model default")
+        self.tile.setToolTip("Sliding-window tile edge in voxels (smaller: less memory)")
+        self.overlap = QDoubleSpinBox()
+        self.overlap.setRange(0.0, 0.9)
+        self.overlap.setSingleStep(0.05)
+        self.overlap.setValue(0.25)
+        self.overlap.setToolTip(
+            "Share of a tile overlapping its neighbour (more: smoother, slower)"
+        )
+        self.extra = QComboBox()
+        self.extra.addItems(EXTRAS)
+        self.extra.setToolTip("Also add an uncertainty (entropy) or per-class probability layer")
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        self.job = JobPanel(viewer)
+        self.job.lock_while_running(self.run_button)
+
+        form = QFormLayout()
+        form.addRow("Image", self.image_picker)
+        form.addRow("Model", self.model_picker)
+        form.addRow("", self.model_info)
+        form.addRow("Device", self.device)
+        form.addRow("", self.device_line)
+        form.addRow("Precision", self.precision)
+        form.addRow("Tile", self.tile)
+        form.addRow("Overlap", self.overlap)
+        form.addRow("Extra output", self.extra)
+        box = QVBoxLayout(self)
+        box.addLayout(form)
+        box.addWidget(self.run_button)
+        box.addWidget(self.job)
+        box.addStretch(1)
+
+        self.model_picker.changed.connect(self._show_model_info)
+        self._show_model_info()
+        self._pending: dict[str, Any] = {}
+        self._device_checked = False
+        QTimer.singleShot(0, self._check_device)  # after the dock is shown
+
+    # ------------------------------------------------------------------ settings
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Predictor`` from the form."""
+        extra = self.extra.currentText()
+        return {
+            "tile": self.tile.value() or None,
+            "overlap": float(self.overlap.value()),
+            "device": self.device.currentText(),
+            "precision": self.precision.currentText(),
+            "probabilities": extra == "probabilities",
+            "uncertainty": extra == "uncertainty",
+        }
+
+    def _show_model_info(self) -> None:
+        path = self.model_picker.model_path()
+        if path is None:
+            self.model_info.setText("No model found: press Load… to add a model folder.")
+            return
+        from ..modelfile import read_card
+
+        try:
+            card = read_card(path)
+        except ValueError as err:
+            self.model_info.setText(str(err))
+            return
+        text = f"{card.architecture} · {len(card.class_names)} classes: " + ", ".join(
+            card.class_names
+        )
+        if card.parent:
+            text += f" · fine-tuned from {card.parent}"
+        self.model_info.setText(text)
+
+    def _check_device(self) -> None:
+        """Fill the diagnostic line (imports torch, in the GUI thread: see ``_common``)."""
+        if self._device_checked:
+            return
+        self._device_checked = True
+        try:
+            short, report = _device_summary()
+        except Exception as err:  # noqa: BLE001 - a diagnostic must never break the widget
+            short, report = f"device check failed: {err}", repr(err)
+        try:
+            self.device_line.setText(short)
+            self.device_line.setToolTip(report)
+        except RuntimeError:  # the widget was closed meanwhile
+            pass
+
+    # ------------------------------------------------------------------ run
+    def run(self):
+        """Segment the chosen image with the chosen model in a worker; returns the worker."""
+        if self.job.busy:
+            warn("A segmentation is already running; wait for it to finish or press Cancel.")
+            return None
+        layer = self.image_picker.layer()
+        if layer is None:
+            user_error("Segment needs an image layer: open a volume or a sample first.")
+            return None
+        if layer.rgb:
+            user_error(
+                f"{layer.name!r} is an RGB image; Segment needs a grey-scale 2D image or "
+                "3D volume."
+            )
+            return None
+        model_path = self.model_picker.model_path()
+        if model_path is None:
+            user_error("Choose a model first (or press Load… to add a model folder).")
+            return None
+        data = layer.data[0] if layer.multiscale else layer.data
+        self._pending = {
+            "image": layer.name,
+            "transform": layer_transform(layer),
+            "metadata": {k: layer.metadata[k] for k in SOURCE_KEYS if k in layer.metadata},
+        }
+        spacing = layer_spacing(layer)
+        self._check_device()  # torch is imported here, in the GUI thread, before the worker
+        return self.job.start(
+            segment_job,
+            data,
+            spacing,
+            model_path,
+            self.options(),
+            on_return=self._add_result,
+            watch=[layer],
+            what="segmentation",
+        )
+
+    def _add_result(self, output: tuple[Any, Path, Any]) -> None:
+        card, model_path, result = output
+        labels = np.asarray(result.labels)
+        names = list(card.class_names) if card else [f"class {i}" for i in range(labels.max() + 1)]
+        colors = list(card.class_colors) if card else []
+        model_name = card.name if card else model_path.name
+        image_name = self._pending["image"]
+        transform = self._pending["transform"]
+        metadata = {
+            **self._pending["metadata"],
+            PREDICTION_KEY: labels.copy(),
+            MODEL_KEY: str(model_path),
+            "selfreg_image": image_name,
+            "selfreg_class_names": names,
+            "selfreg_class_colors": colors,
+            "selfreg_info": dict(result.info),
+        }
+        kwargs: dict[str, Any] = {
+            "name": f"{image_name} [{model_name}]",
+            "features": {"index": np.arange(len(names)), "class": names},
+            "metadata": metadata,
+            **transform,
+        }
+        if colors:
+            kwargs["colormap"] = labels_colormap(colors)
+        if result.uncertainty is not None:
+            self.viewer.add_image(
+                np.asarray(result.uncertainty),
+                name=f"{image_name} [{model_name}] uncertainty",
+                colormap="magma",
+                contrast_limits=(0.0, 1.0),
+                blending="additive",
+                visible=True,
+                **transform,
+            )
+        if result.probabilities is not None:
+            probs = np.asarray(result.probabilities)
+            for k, class_name in enumerate(names[1:], start=1):
+                self.viewer.add_image(
+                    probs[k],
+                    name=f"{image_name} [{model_name}] p({class_name})",
+                    colormap="gray",
+                    contrast_limits=(0.0, 1.0),
+                    blending="additive",
+                    visible=False,
+                    **transform,
+                )
+        layer = self.viewer.add_labels(labels, **kwargs)
+        seconds = result.info.get("seconds")
+        took = f" in {seconds:.1f} s" if isinstance(seconds, float | int) else ""
+        self.job.status.setText(
+            f"Added {layer.name!r}{took} on {result.info.get('device', '?')} "
+            f"({result.info.get('precision', '?')})."
+        )
+        self.segmented.emit(unwrap(layer))
+
+    # ------------------------------------------------------------------ helpers for other widgets
+    def segment_with(self, model_path: str | Path, image_layer=None):
+        """Select ``model_path`` (and ``image_layer``) and run; used by Fine-tune's button."""
+        self.model_picker.select(model_path)
+        if image_layer is not None:
+            self.image_picker.set_layer(image_layer)
+        return self.run()

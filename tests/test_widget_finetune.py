@@ -1,0 +1,153 @@
+"""Fine-tune dock widget in a real napari viewer (``xvfb-run -a pytest``)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from napari_selfreg.modelfile import read_card
+from napari_selfreg.widgets.segment import PREDICTION_KEY
+
+pytestmark = pytest.mark.gui
+WAIT_MS = 60_000
+PLUGIN = "napari-selfreg"
+
+
+@pytest.fixture
+def segmented(make_napari_viewer, qtbot, tiny_model, phantom, messages):
+    """A viewer with the phantom, docked Segment and Fine-tune widgets, and a prediction."""
+    viewer = make_napari_viewer()
+    image = viewer.add_image(phantom[0], name="phantom", scale=(1.0, 1.2, 0.8))
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    _, finetune = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    for widget in (segment, finetune):
+        widget.model_picker.select(tiny_model)
+    segment.device.setCurrentText("cpu")
+    segment.precision.setCurrentText("fp32")
+    segment.image_picker.set_layer(image)
+    with qtbot.waitSignal(segment.segmented, timeout=WAIT_MS) as blocker:
+        segment.run()
+    qtbot.waitUntil(lambda: not segment.job.busy, timeout=WAIT_MS)
+    labels = blocker.args[0]
+    yield viewer, segment, finetune, image, labels, messages
+    for widget in (segment, finetune):
+        if widget.job.busy:
+            widget.job.cancel()
+            qtbot.waitUntil(lambda w=widget: not w.job.busy, timeout=WAIT_MS)
+
+
+def _correct(labels, phantom_labels):
+    """Paint the true labels into the centre, like a user fixing part of the prediction."""
+    data = labels.data
+    centre = (slice(4, 16), slice(5, 19), slice(4, 18))
+    data[centre] = phantom_labels[centre]
+    labels.refresh()
+    labels.events.paint(value=[])
+    return int((labels.data != labels.metadata[PREDICTION_KEY]).sum())
+
+
+def test_finetune_two_iterations_lists_the_new_model(qtbot, segmented, phantom, tiny_model):
+    viewer, segment, finetune, image, labels, messages = segmented
+    changed = _correct(labels, phantom[1])
+    assert changed > 0
+    assert f"{changed:,} voxels corrected" in finetune.changed_line.text()
+    finetune.image_picker.set_layer(image)
+    finetune.labels_picker.set_layer(labels)
+    assert finetune.model_picker.model_path() == tiny_model
+    finetune.iterations.setValue(2)
+    finetune.seconds.setValue(0)
+    finetune.augment.setChecked(False)
+    before = labels.data.copy()
+    with qtbot.waitSignal(finetune.job.finished, timeout=WAIT_MS):
+        worker = finetune.run()
+        assert worker is not None
+        labels.data[0, 0, 0] = 2  # the user keeps painting while it trains
+    assert finetune.job.outcome == "returned", messages
+    new = finetune.new_model
+    assert new is not None and new.is_dir() and new != tiny_model
+    card = read_card(new)
+    assert card.parent and "tiny" in card.parent
+    assert new in segment.model_picker.model_paths()  # Segment lists the new version
+    assert new in finetune.model_picker.model_paths()
+    before[0, 0, 0] = 2
+    np.testing.assert_array_equal(labels.data, before)  # the user's layer is untouched
+    assert finetune.curves.loss, "the loss curve stayed empty"
+    assert finetune.segment_button.isEnabled()
+
+    with qtbot.waitSignal(segment.segmented, timeout=WAIT_MS) as blocker:
+        finetune.segment_button.click()
+    resegmented = blocker.args[0]
+    assert resegmented.name == f"phantom [{card.name}]"
+    assert resegmented.data.shape == image.data.shape
+    assert segment.model_picker.model_path() == new
+    assert labels in viewer.layers and len(viewer.layers) == 3
+
+
+def test_cancel_stops_finetuning(qtbot, segmented, phantom, selfreg_home):
+    viewer, segment, finetune, image, labels, messages = segmented
+    _correct(labels, phantom[1])
+    finetune.labels_picker.set_layer(labels)
+    finetune.iterations.setValue(10_000)
+    finetune.seconds.setValue(0)
+
+    def cancel_after_two(event):
+        if getattr(event, "kind", "") == "iteration" and event.iteration >= 2:
+            finetune.job.cancel()
+
+    with qtbot.waitSignal(finetune.job.finished, timeout=WAIT_MS):
+        finetune.run().yielded.connect(cancel_after_two)
+    assert finetune.job.outcome == "cancelled"
+    assert finetune.new_model is None
+    assert sorted(
+        p.name for p in (selfreg_home / "models").iterdir() if not p.name.startswith(".")
+    ) == ["tiny"]
+    assert not finetune.segment_button.isEnabled()
+    assert finetune.run_button.isEnabled()
+
+
+def test_closing_the_labels_while_training_keeps_going(qtbot, segmented, phantom):
+    viewer, segment, finetune, image, labels, messages = segmented
+    _correct(labels, phantom[1])
+    finetune.labels_picker.set_layer(labels)
+    finetune.iterations.setValue(3)
+    finetune.seconds.setValue(0)
+
+    def close_labels(event):
+        if getattr(event, "kind", "") == "iteration" and labels in viewer.layers:
+            viewer.layers.remove(labels)
+
+    with qtbot.waitSignal(finetune.job.finished, timeout=WAIT_MS):
+        finetune.run().yielded.connect(close_labels)
+    assert labels not in viewer.layers
+    assert any(kind == "warning" and "goes on" in text for kind, text in messages)
+    assert finetune.job.outcome == "returned"  # trained on the copy taken at the start
+    assert finetune.new_model is not None and finetune.new_model.is_dir()
+
+
+def test_bad_inputs_are_clear_messages(qtbot, segmented, tiny_model):
+    viewer, segment, finetune, image, labels, messages = segmented
+    other = viewer.add_labels(np.zeros((5, 6, 7), np.uint8), name="other")
+    finetune.image_picker.set_layer(image)
+    finetune.labels_picker.set_layer(other)
+    assert finetune.run() is None
+    assert messages[-1][0] == "error" and "shape" in messages[-1][1]
+    assert not finetune.job.busy
+    for layer in (other, labels):
+        viewer.layers.remove(layer)
+    assert finetune.run() is None
+    assert "labels layer" in messages[-1][1]
+    viewer.layers.remove(image)
+    assert finetune.run() is None
+    assert "image layer" in messages[-1][1]
+    assert not finetune.job.busy and finetune.new_model is None
+    # a model saved elsewhere is announced: every model list shows it
+    from napari_selfreg.widgets._common import announce_model
+
+    copy = tiny_model.parent / "tiny-copy"
+    shutil.copytree(tiny_model, copy)
+    assert copy not in segment.model_picker.model_paths()
+    announce_model(copy)
+    assert copy in segment.model_picker.model_paths()
+    assert copy in finetune.model_picker.model_paths()
