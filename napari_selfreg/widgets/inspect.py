@@ -9,6 +9,7 @@ matplotlib plots. torch is imported only inside the worker threads.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -32,6 +33,9 @@ from qtpy.QtWidgets import (
 
 from .. import analysis
 from ..modelfile import BUNDLED_DIR, list_models
+
+if TYPE_CHECKING:
+    import napari
 
 LOAD_FILE = "Load file..."
 VISIBLE, CENTRED = "visible region", "centred patch"
@@ -71,7 +75,7 @@ class _Combo(QComboBox):
 class InspectWidget(QWidget):
     """Dock widget for the feature inspector (construct with the viewer only)."""
 
-    def __init__(self, viewer):
+    def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__()
         self.viewer = viewer
         self._bundles: dict[str, object] = {}
@@ -185,6 +189,7 @@ class InspectWidget(QWidget):
         for path in self._model_paths():
             if path not in self._bundles and path not in self._loaders:
                 self._failed.pop(path, None)  # choosing it again retries
+                _import_torch_here()
                 worker = create_worker(_load_model, path, _ignore_errors=True)
                 worker.returned.connect(lambda b, p=path: self._on_model_loaded(p, b))
                 worker.errored.connect(lambda e, p=path: self._on_load_failed(p, e))
@@ -285,6 +290,7 @@ class InspectWidget(QWidget):
             "class_names": bundles[0].card.class_names,
             "block": block,
         }
+        _import_torch_here()
         worker = create_worker(
             _inspect_job,
             bundles,
@@ -520,3 +526,12 @@ def _set_items(combo: QComboBox, items) -> None:
     combo.blockSignals(False)
     if combo.currentData() != current:
         combo.currentIndexChanged.emit(combo.currentIndex())
+
+
+def _import_torch_here() -> None:
+    """Import torch in the GUI thread before a worker needs it.
+
+    Two threads importing torch for the first time at once can break its
+    operator registry; importing here first makes the workers' imports no-ops.
+    """
+    import torch  # noqa: F401

@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=BUNDLED_DIR / DEFAULT_MODEL)
     parser.add_argument("--replace", action="store_true", help="replace an existing --out")
+    parser.add_argument("--workdir", type=Path, help="keep checkpoints here (default: temporary)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --workdir")
     args = parser.parse_args(argv)
     if args.out.exists() and not args.replace:
         print(f"{args.out} exists; pass --replace to train it again", file=sys.stderr)
@@ -111,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        trained = train(config, cases, Path(tmp) / "trained", callback=_print_event)
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        trained = train(config, cases, work / "trained", callback=_print_event, resume=args.resume)
         minutes = (time.perf_counter() - start) / 60
         # Score the weights as they ship (bfloat16), then write the final card.
         shipped = save_model(load_model(trained).network, load_model(trained).card,
