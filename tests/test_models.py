@@ -11,9 +11,9 @@ from napari_selfreg.models.unet import UNet
 TINY = {
     "unet2d": {"channels": (4, 8, 16)},
     "unet3d": {"channels": (4, 8, 16)},
-    "swin_unet2d": {"embed_dim": 12, "num_heads": (1, 1, 2, 2), "window_size": 4},
-    "missu3d": {"channels": (4, 8, 8, 16), "embed_dim": 16, "num_layers": 1, "num_heads": 2,
-                "mlp_dim": 16, "img_size": (16, 16, 16)},
+    "swin_unet2d": {"embed_dim": 12, "num_heads": (1, 2, 2, 4), "window_size": 4, "drop_path": 0.0},
+    "missu3d": {"channels": (4, 8, 8, 16), "blocks": (1, 1, 1, 1), "embed_dim": 16,
+                "num_layers": 1, "num_heads": 2, "mlp_dim": 16, "img_size": (16, 16, 16)},
 }  # fmt: skip
 SIZES = {2: [(37, 53), (64, 48)], 3: [(19, 23, 30), (16, 17, 18)]}
 
