@@ -1,0 +1,55 @@
+"""Data-parallel training: ``torchrun --nproc_per_node=2`` on CPU (gloo) with the real CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_selfreg import models
+from napari_selfreg.data import make_phantom
+from napari_selfreg.modelfile import load_model
+from napari_selfreg.training.distributed import weights_digest
+
+pytestmark = pytest.mark.usefixtures("selfreg_home")
+
+
+def test_torchrun_two_cpu_processes_keep_identical_replicas(tmp_path):
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    for i in range(2):
+        image, labels = make_phantom((20, 20, 20), 3, seed=i)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "images" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "labels" / f"c{i}.nii.gz")
+    script = shutil.which("napari-selfreg", path=str(Path(sys.executable).parent))
+    assert script is not None, "the napari-selfreg console script is not installed"
+    out = tmp_path / "runs" / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--no-python", script, "train", "--images", str(tmp_path / "images"),
+           "--labels", str(tmp_path / "labels"), "--out", str(out), "--arch", "unet3d",
+           "--channels", "4", "8", "16", "--patch", "16", "16", "16", "--batch-size", "1",
+           "--iterations", "3", "--val-fraction", "0", "--precision", "fp32", "--quiet",
+           "--seed", "0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == str(out)  # rank 0 prints, once
+    assert run.stdout.count(str(out)) == 1
+
+    bundle = load_model(out)
+    training = bundle.card.training
+    assert training["processes"] == 2
+    replicas = training["replica_weights_sha256"]
+    assert len(replicas) == 2 and replicas[0] == replicas[1]  # identical after the steps
+    assert weights_digest(bundle.network) == replicas[0]  # ... and they are what was saved
+    torch.manual_seed(0)
+    initial = models.build("unet3d", 1, 3, channels=(4, 8, 16))
+    assert weights_digest(initial) != replicas[0]  # the steps changed the weights
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ddp", "ddp.checkpoints"]

@@ -1,0 +1,201 @@
+"""Fine-tuning on corrected labels: it helps, it never touches the base model, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_selfreg import models
+from napari_selfreg.data import make_phantom, make_phantom_set
+from napari_selfreg.modelfile import ModelCard, ModelFileError, load_model, save_model
+from napari_selfreg.predict import Predictor
+from napari_selfreg.training import (
+    FinetuneConfig,
+    LabelError,
+    TrainConfig,
+    case_from_arrays,
+    iter_finetune,
+    train,
+)
+from napari_selfreg.training.finetune import (
+    correction_weights,
+    edit_axis,
+    encoder_stages,
+    extend_classes,
+    finetune,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "selfreg_home")
+
+SHAPE = (40, 40, 40)
+
+
+def dice(pred, truth, c):
+    p, t = pred == c, truth == c
+    return 2 * (p & t).sum() / max(p.sum() + t.sum(), 1)
+
+
+def segment(path, image):
+    return Predictor(load_model(path), device="cpu", precision="fp32").segment(image).labels
+
+
+@pytest.fixture(scope="module")
+def mislabelling_base(tmp_path_factory):
+    """A small model trained on phantoms whose class 3 was labelled background."""
+    torch.set_num_threads(1)
+    cases = []
+    for i, (image, labels) in enumerate(make_phantom_set(3, SHAPE, 4, seed=1)):
+        labels = labels.copy()
+        labels[labels == 3] = 0
+        cases.append(case_from_arrays(image, labels, name=f"p{i}"))
+    config = TrainConfig(
+        arch="unet3d", arch_options={"channels": [8, 16, 32]}, num_classes=4,
+        patch_size=(24, 24, 24), batch_size=2, iterations=80, lr=3e-3,
+        val_fraction=0, val_every=1000, precision="fp32", seed=0,
+    )  # fmt: skip
+    return train(config, cases, tmp_path_factory.mktemp("base") / "base")
+
+
+def tiny_base(tmp_path, num_classes=3):
+    torch.manual_seed(0)
+    net = models.build("unet3d", 1, num_classes, channels=(4, 8, 16))
+    card = ModelCard(
+        name="tiny", architecture="unet3d",
+        options={"channels": [4, 8, 16], "in_channels": 1, "num_classes": num_classes},
+        class_names=["background"] + [f"c{i}" for i in range(1, num_classes)],
+        patch_size=[16, 16, 16],
+    )  # fmt: skip
+    return save_model(net, card, tmp_path / "tiny")
+
+
+def test_finetune_on_a_few_corrected_slices_helps_the_untouched_ones(mislabelling_base, tmp_path):
+    image, truth = make_phantom(SHAPE, 4, seed=100)
+    pred = segment(mislabelling_base, image)
+    slices = [z for z in range(SHAPE[0]) if (truth[z] == 3).any()]
+    touched = slices[len(slices) // 4 :: max(1, len(slices) // 4)][:3]
+    corrected = pred.copy()
+    corrected[touched] = truth[touched]  # the user fixes three slices
+    untouched = np.ones(SHAPE[0], bool)
+    untouched[touched] = False
+    before = dice(pred[untouched], truth[untouched], 3)
+    config = FinetuneConfig(iterations=30, seconds_budget=60, precision="fp32")
+    new = finetune(mislabelling_base, image, corrected, corrected != pred, config, tmp_path / "ft")
+    after = dice(segment(new, image)[untouched], truth[untouched], 3)
+    assert after >= before + 0.05, (before, after)
+
+
+def test_finetune_writes_a_new_version_and_leaves_the_base_alone(tmp_path):
+    base = tiny_base(tmp_path)
+    files = {p.name: p.read_bytes() for p in base.iterdir()}
+    image, labels = make_phantom((16, 16, 16), 3, seed=0)
+    pred = segment(base, image)
+    config = FinetuneConfig(iterations=2, precision="fp32")
+    events = []
+    first = finetune(base, image, labels, config=config, callback=events.append)
+    second = finetune(base, image, labels, config=config)
+    assert first.name == "tiny-ft" and second.name == "tiny-ft-v2"
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == files
+    card = load_model(first).card
+    assert card.parent == str(base)
+    assert card.training["finetune"]["corrected_voxels"] == int((labels != pred).sum())
+    assert events[-1].kind == "done" and events[-1].model_path == first
+    assert sorted(p.name for p in first.parent.iterdir()) == ["tiny-ft", "tiny-ft-v2"]
+
+
+def test_labels_equal_to_the_prediction_are_refused(tmp_path):
+    base = tiny_base(tmp_path)
+    image, _ = make_phantom((16, 16, 16), 3, seed=0)
+    pred = segment(base, image)
+    with pytest.raises(LabelError, match="no voxel was corrected"):
+        finetune(base, image, pred, None, FinetuneConfig(iterations=1))
+
+
+def test_unknown_label_values_need_a_remap_or_extension(tmp_path):
+    base = tiny_base(tmp_path)
+    image, labels = make_phantom((16, 16, 16), 4, seed=0)  # class 3 is new to the model
+    changed = labels == 3
+    with pytest.raises(LabelError, match=r"value\(s\) 3 .*label map.*extend"):
+        finetune(base, image, labels, changed, FinetuneConfig(iterations=1))
+    remapped = finetune(base, image, labels, changed, FinetuneConfig(iterations=1, label_map={3: 2}))  # fmt: skip
+    assert load_model(remapped).card.num_classes == 3
+    extended = finetune(base, image, labels, changed, FinetuneConfig(iterations=1, extend_classes=True))  # fmt: skip
+    card = load_model(extended).card
+    assert card.num_classes == 4 and card.class_names[-1] == "class 3"
+    assert len(card.class_colors) == 4
+
+
+def test_extend_classes_keeps_predictions_and_copies_background():
+    torch.manual_seed(0)
+    net = models.build("unet3d", 1, 3, channels=(4, 8, 16)).eval()
+    big = extend_classes(net, {"channels": [4, 8, 16]}, "unet3d", 5).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        old, new = net(x), big(x)
+    assert torch.allclose(new[:, :3], old, atol=1e-5)
+    assert torch.allclose(new[:, 3], old[:, 0], atol=1e-5)
+    assert torch.equal(new.argmax(1), old.argmax(1))
+
+
+def test_freeze_encoder_and_stages(tmp_path):
+    torch.manual_seed(0)
+    net = models.build("unet3d", 1, 3, channels=(4, 8, 16))
+    stages = encoder_stages(net, (16, 16, 16))
+    assert len(stages) == 3  # stem, enc1, bottleneck
+    named = {id(p): n for n, p in net.named_parameters()}
+    assert all(named[id(p)].startswith("stem.") for p in stages[0])
+    assert all(named[id(p)].startswith("down.1.") for p in stages[2])
+    base = tiny_base(tmp_path)
+    image, labels = make_phantom((16, 16, 16), 3, seed=0)
+    before = load_model(base).network.state_dict()
+    for freeze, frozen in (("encoder", ("stem.", "down.")), ("stage:1", ("stem.",))):
+        cfg = FinetuneConfig(iterations=3, freeze=freeze, precision="fp32", lr=1e-2)
+        after = load_model(finetune(base, image, labels, config=cfg)).network.state_dict()
+        for key, value in after.items():
+            same = torch.equal(value, before[key])
+            if key.startswith(frozen) and not key.endswith("num_batches_tracked"):
+                assert same, (freeze, key)  # weights and BatchNorm statistics
+            elif key.startswith(("up.", "head.")) and key.endswith("weight"):
+                assert not same, (freeze, key)
+    with pytest.raises(ValueError, match="out of range"):
+        finetune(base, image, labels, config=FinetuneConfig(iterations=1, freeze="stage:9"))
+
+
+def test_correction_weights_follow_the_edited_slices():
+    changed = np.zeros((10, 6, 6), bool)
+    changed[2, 1:3, 1:3] = True
+    changed[7, 4, 4] = True
+    assert edit_axis(changed) == 0
+    w = correction_weights(changed, 5.0, 0.25)
+    assert w[2, 1, 1] == 5.0 and w[2, 5, 5] == 1.0 and w[7, 0, 0] == 1.0 and w[4, 0, 0] == 0.25
+    spread = np.zeros((6, 6, 6), bool)
+    spread[np.arange(6), np.arange(6), np.arange(6)] = True
+    assert edit_axis(spread) is None
+    assert correction_weights(np.eye(4, dtype=bool), 5.0, 0.25).min() == 1.0  # 2D: all seen
+
+
+def test_cancel_writes_no_model_and_cleans_up(tmp_path):
+    base = tiny_base(tmp_path)
+    image, labels = make_phantom((16, 16, 16), 3, seed=0)
+    gen = iter_finetune(
+        base, image, labels, config=FinetuneConfig(iterations=50), out=tmp_path / "x"
+    )
+    for event in gen:
+        if event.kind == "iteration" and event.iteration == 2:
+            break
+    gen.close()
+    assert not (tmp_path / "x").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "selfreg-home",
+        "tiny",
+    ]  # no temp folders
+
+
+def test_a_model_file_that_is_not_ours(tmp_path):
+    bogus = tmp_path / "bogus"
+    bogus.mkdir()
+    (bogus / "model.json").write_text('{"some": "other tool"}')
+    (bogus / "model.safetensors").write_bytes(b"\x00" * 16)
+    image, labels = make_phantom((16, 16, 16), 3, seed=0)
+    with pytest.raises(ModelFileError, match="not a napari-selfreg model"):
+        finetune(bogus, image, labels, config=FinetuneConfig(iterations=1))

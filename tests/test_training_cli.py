@@ -1,0 +1,105 @@
+"""``napari-selfreg train`` / ``finetune``: models that ``segment --model`` uses, user errors."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_selfreg.cli import main
+from napari_selfreg.data import make_phantom
+from napari_selfreg.modelfile import load_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "selfreg_home")
+
+TINY = ["--arch", "unet3d", "--channels", "4", "8", "16", "--patch", "16", "16", "16",
+        "--batch-size", "1", "--precision", "fp32", "--threads", "1"]  # fmt: skip
+
+
+@pytest.fixture
+def folders(tmp_path):
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    for i in range(3):
+        image, labels = make_phantom((20, 20, 20), 3, seed=i)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "images" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "labels" / f"c{i}.nii.gz")
+    return tmp_path
+
+
+def test_train_then_segment_then_finetune(folders, capsys):
+    model = folders / "model"
+    args = ["train", "--images", str(folders / "images"), "--labels", str(folders / "labels"),
+            "--out", str(model), "--iterations", "3", "--val-every", "3", *TINY]  # fmt: skip
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(model)
+    assert "scr=" in err and "ifd=" in err and "ce=" in err  # the bar shows the loss terms
+    assert "validation Dice" in err
+    assert {p.name for p in model.iterdir()} == {"model.safetensors", "model.json"}
+
+    image = folders / "images" / "c0.nii.gz"
+    seg = folders / "seg.nii.gz"
+    assert main(["segment", str(image), "-o", str(seg), "--model", str(model), "--quiet"]) == 0
+    assert nib.load(seg).shape == (20, 20, 20)
+    capsys.readouterr()
+
+    base_files = {p.name: p.read_bytes() for p in model.iterdir()}
+    new = folders / "model-ft"
+    args = ["finetune", "--model", str(model), "--image", str(image),
+            "--labels", str(folders / "labels" / "c0.nii.gz"), "--out", str(new),
+            "--iterations", "2", "--precision", "fp32", "--threads", "1"]  # fmt: skip
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(new)
+    assert "finetune" in err and "total=" in err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == base_files
+    assert load_model(new).card.parent == str(model)
+
+
+def test_split_from_reuses_the_saved_split(folders):
+    common = ["train", "--images", str(folders / "images"), "--labels", str(folders / "labels"),
+              "--iterations", "1", "--quiet", *TINY]  # fmt: skip
+    assert main([*common, "--out", str(folders / "a"), "--seed", "1"]) == 0
+    assert main([*common, "--out", str(folders / "b"), "--seed", "2", "--split-from", str(folders / "a")]) == 0  # fmt: skip
+    split_a = load_model(folders / "a").card.training["split"]
+    assert split_a["val"] == ["c0"]  # seed 2 alone would hold out c2
+    assert load_model(folders / "b").card.training["split"] == split_a
+
+
+def test_train_reports_mismatched_labels_in_one_line(folders, capsys):
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 19), np.uint8), np.eye(4)), folders / "labels" / "c1.nii.gz")  # fmt: skip
+    args = ["train", "--images", str(folders / "images"), "--labels", str(folders / "labels"),
+            "--out", str(folders / "m"), *TINY]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("napari-selfreg: error: image and labels of c1 differ in shape")
+    assert "\n" not in err and not (folders / "m").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--label-map", "1-2"], "bad --label-map"),
+        (["--arch", "nonet"], "unknown architecture"),
+        (["--patch", "16", "16"], "--patch needs 3 sizes"),
+        (["--num-classes", "2"], r"value\(s\) 2"),
+    ],
+)
+def test_train_user_errors(folders, capsys, extra, message):
+    args = ["train", "--images", str(folders / "images"), "--labels", str(folders / "labels"),
+            "--out", str(folders / "m"), "--iterations", "1", *TINY, *extra]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("napari-selfreg: error:")
+    assert __import__("re").search(message, err)
+
+
+def test_finetune_rejects_a_model_that_is_not_ours(folders, capsys):
+    bogus = folders / "bogus"
+    bogus.mkdir()
+    (bogus / "model.json").write_text("[1, 2]")
+    args = ["finetune", "--model", str(bogus), "--image", str(folders / "images" / "c0.nii.gz"),
+            "--labels", str(folders / "labels" / "c0.nii.gz")]  # fmt: skip
+    assert main(args) == 2
+    assert "is not a napari-selfreg model card" in capsys.readouterr().err

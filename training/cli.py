@@ -1,0 +1,278 @@
+"""``napari-selfreg train`` and ``napari-selfreg finetune``: thin shells over the loop.
+
+``napari_selfreg.cli`` calls :func:`add_parsers`; ``python -m napari_selfreg.training``
+runs the same two commands on their own. Both print a progress bar with the loss
+terms; ``train`` works unchanged under ``torchrun`` (only rank 0 prints and
+writes). Errors a user can cause are ``ValueError`` subclasses (one sentence).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import FinetuneConfig, TrainConfig, TrainEvent, TrainingError
+
+_SHOWN = ("total", "ce", "dice", "scr", "ifd")
+
+
+def _label_map(text: str | None) -> dict[int, int] | None:
+    if not text:
+        return None
+    try:
+        pairs = [item.split(":") for item in text.split(",") if item.strip()]
+        return {int(a): int(b) for a, b in pairs}
+    except ValueError as err:
+        raise TrainingError(
+            f"bad --label-map {text!r}; write OLD:NEW pairs separated by commas, e.g. 4:1,5:2"
+        ) from err
+
+
+def _normalization(text: str) -> dict[str, Any]:
+    method, *rest = text.split(":")
+    spec: dict[str, Any] = {"method": method}
+    if rest:
+        if len(rest) != 2:
+            raise TrainingError(f"bad --normalization {text!r}; write METHOD or METHOD:LOW:HIGH")
+        spec.update(low=float(rest[0]), high=float(rest[1]))
+    return spec
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``train`` and ``finetune`` subcommands."""
+    tr = subparsers.add_parser(
+        "train",
+        help="train a model on folders of images and labels (also under torchrun)",
+        description="Train a model on image/label files matched by name. Writes the best "
+        "model to OUT (model.safetensors + model.json) and keeps best/last checkpoints in "
+        "OUT.checkpoints/ (--resume continues from there). Multi-process: "
+        "torchrun --standalone --nproc_per_node=N --no-python napari-selfreg train ...",
+    )
+    tr.add_argument("--images", required=True, help="folder of image files")
+    tr.add_argument("--labels", required=True, help="folder of label files (same names)")
+    tr.add_argument("--out", required=True, help="model folder to write (must not exist)")
+    tr.add_argument("--arch", default="unet3d", help="architecture (default unet3d)")
+    tr.add_argument("--channels", type=int, nargs="+", help="UNet widths per level, e.g. 16 32 64 128")  # fmt: skip
+    tr.add_argument("--iterations", type=int, default=1000, help="optimiser steps (default 1000)")
+    tr.add_argument("--patch", type=int, nargs="+", metavar="N", help="patch size: D H W (H W for 2D models; default 64^3 / 128^2)")  # fmt: skip
+    tr.add_argument("--batch-size", type=int, default=2, help="patches per step and process")
+    tr.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    tr.add_argument("--lr", type=float, default=None, help="initial learning rate (poly decay)")
+    tr.add_argument("--lambda-scr", type=float, default=0.015, help="SelfReg SCR weight")
+    tr.add_argument("--lambda-ifd", type=float, default=0.015, help="SelfReg IFD weight")
+    tr.add_argument("--no-selfreg", action="store_true", help="plain training (both lambdas 0)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    tr.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    tr.add_argument("--resume", action="store_true", help="continue from OUT.checkpoints/last")
+    tr.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out")
+    tr.add_argument("--val-every", type=int, default=50, help="iterations between validations")
+    tr.add_argument("--patience", type=int, default=10, help="validations without gain before stopping (0: never)")  # fmt: skip
+    tr.add_argument("--max-seconds", type=float, default=None, help="time budget")
+    tr.add_argument("--num-classes", type=int, default=None, help="classes incl. background")
+    tr.add_argument("--class-names", default=None, help="comma-separated, background first")
+    tr.add_argument("--label-map", default=None, help="remap labels, e.g. 10:1,20:2")
+    tr.add_argument("--normalization", default="zscore", help="zscore, percentile or ct_window:LOW:HIGH")  # fmt: skip
+    tr.add_argument("--slice-axis", type=int, default=0, choices=[0, 1, 2], help="slice axis of 2D models")  # fmt: skip
+    tr.add_argument("--split-from", default=None, help="reuse the train/val split of this model")
+    tr.add_argument("--threads", type=int, default=None, help="CPU threads per process")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
+
+    ft = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a model on corrected labels of one image; writes a new model",
+        description="Fine-tune MODEL on an image and its corrected labels. Writes a new "
+        "model version (OUT, or OUT-v2 if taken) whose card names MODEL as parent; "
+        "MODEL's files are not touched.",
+    )
+    ft.add_argument("--model", required=True, help="base model name or folder")
+    ft.add_argument("--image", required=True, help="image file")
+    ft.add_argument("--labels", required=True, help="corrected label file")
+    ft.add_argument("--out", default=None, help="new model folder (default: user models/<model>-ft)")  # fmt: skip
+    ft.add_argument("--changed", default=None, help="mask file of corrected voxels (default: labels != the model's prediction)")  # fmt: skip
+    ft.add_argument("--iterations", type=int, default=100, help="optimiser steps (default 100)")
+    ft.add_argument("--seconds", type=float, default=None, help="time budget in seconds")
+    ft.add_argument("--lr", type=float, default=1e-3)
+    ft.add_argument("--freeze", default="none", help="none, encoder or stage:K")
+    ft.add_argument("--corrected-weight", type=float, default=5.0, help="loss weight of corrected voxels")  # fmt: skip
+    ft.add_argument("--lambda-scr", type=float, default=0.015)
+    ft.add_argument("--lambda-ifd", type=float, default=0.015)
+    ft.add_argument("--extend-classes", action="store_true", help="add classes for new label values")  # fmt: skip
+    ft.add_argument("--label-map", default=None, help="remap labels, e.g. 4:1")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--device", default="auto")
+    ft.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    ft.add_argument("--threads", type=int, default=None)
+    ft.add_argument("--quiet", action="store_true")
+    ft.set_defaults(func=cmd_finetune)
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of ``train``'s arguments."""
+    from napari_selfreg import models
+
+    if args.arch not in models.available():
+        raise TrainingError(
+            f"unknown architecture {args.arch!r}; choose {', '.join(models.available())}"
+        )
+    two_d = args.arch.endswith("2d")
+    patch = tuple(args.patch) if args.patch else ((128, 128) if two_d else (64, 64, 64))
+    if len(patch) != (2 if two_d else 3):
+        raise TrainingError(f"--patch needs {2 if two_d else 3} sizes for {args.arch}")
+    options = {"channels": list(args.channels)} if args.channels else {}
+    lam_scr, lam_ifd = (0.0, 0.0) if args.no_selfreg else (args.lambda_scr, args.lambda_ifd)
+    split = None
+    if args.split_from:
+        from napari_selfreg.modelfile import load_model
+
+        split = load_model(args.split_from).card.training.get("split")
+        if not split:
+            raise TrainingError(f"model {args.split_from} records no train/val split")
+    return TrainConfig(
+        arch=args.arch,
+        arch_options=options,
+        num_classes=args.num_classes,
+        class_names=args.class_names.split(",") if args.class_names else None,
+        patch_size=patch,
+        batch_size=args.batch_size,
+        iterations=args.iterations,
+        max_seconds=args.max_seconds,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        lambda_scr=lam_scr,
+        lambda_ifd=lam_ifd,
+        precision=args.precision,
+        device=args.device,
+        num_threads=args.threads,
+        val_fraction=args.val_fraction,
+        val_every=args.val_every,
+        patience=args.patience,
+        seed=args.seed,
+        normalization=_normalization(args.normalization),
+        slice_axis=args.slice_axis,
+        label_map=_label_map(args.label_map),
+        split=split,
+    )
+
+
+class ProgressPrinter:
+    """tqdm bar over iterations with the loss terms; validation lines above it."""
+
+    def __init__(self, total: int, quiet: bool = False, desc: str = "train"):
+        self.quiet, self.total, self.desc = quiet, total, desc
+        self.bar: Any = None
+
+    def __call__(self, event: TrainEvent) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:  # opened at the first event: set-up errors print alone
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.desc, unit="it", file=sys.stderr)
+        if event.kind == "iteration":
+            self.bar.n = event.iteration
+            self.bar.set_postfix(
+                {k: f"{v:.3f}" for k, v in event.losses.items() if k in _SHOWN or "kl" in k},
+                refresh=True,
+            )
+        elif event.kind == "validation":
+            dice = ", ".join(f"{k} {v:.3f}" for k, v in event.dice.items() if v is not None)
+            self.bar.write(
+                f"[{event.iteration}] validation Dice: {dice} - {event.message}", file=sys.stderr
+            )
+        elif event.kind == "message" and event.message:
+            self.bar.write(event.message, file=sys.stderr)
+        elif event.kind == "done":
+            self.bar.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _drain(gen, printer: ProgressPrinter) -> Path:
+    try:
+        while True:
+            printer(next(gen))
+    except StopIteration as stop:
+        return Path(stop.value)
+    finally:
+        printer.close()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``napari-selfreg train``."""
+    from .datasets import load_folder
+    from .loop import iter_train
+
+    config = train_config(args)
+    cases = load_folder(args.images, args.labels, config.normalization, config.label_map)
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    printer = ProgressPrinter(config.iterations, args.quiet or not rank0, "train")
+    path = _drain(iter_train(config, cases, args.out, resume=args.resume), printer)
+    if rank0:
+        print(path)
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """``napari-selfreg finetune``."""
+    import numpy as np
+
+    from napari_selfreg.io import read_volume
+
+    from .finetune import iter_finetune
+
+    image = read_volume(args.image)
+    labels = read_volume(args.labels)
+    if image.shape != labels.shape:
+        raise TrainingError(
+            f"image and labels differ in shape ({image.shape} vs {labels.shape}); "
+            "resample the labels onto the image grid"
+        )
+    if float(np.max(np.abs(image.affine - labels.affine))) > 1e-3:
+        raise TrainingError(
+            "image and labels have different affines; they must share one voxel grid"
+        )
+    changed = None
+    if args.changed:
+        changed = np.asarray(read_volume(args.changed).data) != 0
+    config = FinetuneConfig(
+        iterations=args.iterations,
+        seconds_budget=args.seconds,
+        lr=args.lr,
+        lambda_scr=args.lambda_scr,
+        lambda_ifd=args.lambda_ifd,
+        freeze=args.freeze,
+        corrected_weight=args.corrected_weight,
+        extend_classes=args.extend_classes,
+        label_map=_label_map(args.label_map),
+        precision=args.precision,
+        device=args.device,
+        num_threads=args.threads,
+        seed=args.seed,
+    )
+    printer = ProgressPrinter(args.iterations, args.quiet, "finetune")
+    gen = iter_finetune(args.model, image.data, labels.data, changed, config, args.out)
+    print(_drain(gen, printer))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m napari_selfreg.training {train,finetune} ...``."""
+    parser = argparse.ArgumentParser(prog="python -m napari_selfreg.training")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

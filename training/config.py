@@ -1,0 +1,237 @@
+"""Settings, progress events and errors of the training module.
+
+``TrainConfig`` is shared by the CLI, the Fine-tune widget, the recipes and the
+tests; it is written into the model card's ``training`` field, so a model says
+how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+EventKind = Literal["iteration", "validation", "checkpoint", "message", "done"]
+
+
+class TrainingError(ValueError):
+    """A problem the user can fix (bad data, bad settings, full disk); one sentence."""
+
+
+class LabelError(TrainingError):
+    """Labels that cannot be trained on: unknown values, nothing labelled, wrong shape."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss became NaN or infinite; training stopped, the last good checkpoint is kept."""
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint could not be written (disk full, no permission); the previous one is intact."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (also the fine-tuning loop underneath).
+
+    Attributes:
+        arch: registry name for ``models.build`` (``unet3d``, ``unet2d``, ...).
+        arch_options: architecture options, e.g. ``{"channels": [8, 16, 32, 64]}``.
+        num_classes: output classes incl. background; None: max label + 1.
+        class_names: one name per class; None: ``background, class 1, ...``.
+        patch_size: training patch in array axis order (2 values for 2D models).
+        batch_size: patches per step (per process under torchrun).
+        iterations: optimiser steps.
+        max_seconds: stop (and save) after this much training time; None: no limit.
+        optimizer: ``adamw`` or ``sgd`` (momentum 0.99, Nesterov); both with poly decay.
+        lr: initial learning rate; None: 1e-3 (AdamW) or 1e-2 (SGD).
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        poly_power: ``lr_t = lr * (1 - t / iterations) ** poly_power``.
+        grad_clip: max gradient L2 norm; 0 switches clipping off.
+        ce_weight: weight of cross-entropy in the segmentation loss.
+        dice_weight: weight of soft Dice in the segmentation loss.
+        lambda_scr: SelfReg SCR weight (0: off).
+        lambda_ifd: SelfReg IFD weight (0: off).
+        precision: ``auto`` (bf16 where the CPU/GPU has it, fp16 on other CUDA GPUs),
+            ``bf16``, ``fp16`` or ``fp32``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+        channels_last: channels-last memory format (faster convolutions).
+        num_threads: CPU threads (None: torch's default).
+        fg_fraction: share of patches centred on a labelled voxel (class drawn uniformly).
+        focus_fraction: share of patches centred on a corrected voxel (fine-tuning).
+        augment: random flips, rot90, rotation/scaling, intensity, gamma, noise, bias field.
+        val_fraction: share of cases held out for validation (one case: a slab of it).
+        val_every: iterations between validations (and checkpoints).
+        val_patches: fixed validation patches scored during training.
+        patience: validations without improvement before stopping early (0: never).
+        seed: seed of weights, split, sampling, augmentation and SelfReg pairing.
+        normalization: intensity normalisation stored in the card and applied to images.
+        slice_axis: axis along which 2D models take slices of 3D volumes (the
+            predictor's ``axis``, 0 by default).
+        label_map: remap label values before training, e.g. ``{10: 1, 20: 2}``.
+        split: an explicit split ``{"train": [...], "val": [...]}`` (from an earlier
+            model card); None: drawn from ``seed`` and saved with the model.
+        description: free text for the model card.
+    """
+
+    arch: str = "unet3d"
+    arch_options: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    patch_size: tuple[int, ...] = (64, 64, 64)
+    batch_size: int = 2
+    iterations: int = 1000
+    max_seconds: float | None = None
+    optimizer: str = "adamw"
+    lr: float | None = None
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    grad_clip: float = 12.0
+    ce_weight: float = 0.5
+    dice_weight: float = 0.5
+    lambda_scr: float = 0.015
+    lambda_ifd: float = 0.015
+    precision: str = "auto"
+    device: str = "auto"
+    channels_last: bool = True
+    num_threads: int | None = None
+    fg_fraction: float = 0.5
+    focus_fraction: float = 0.0
+    augment: bool = True
+    val_fraction: float = 0.2
+    val_every: int = 50
+    val_patches: int = 8
+    patience: int = 10
+    seed: int = 0
+    normalization: dict[str, Any] = field(default_factory=lambda: {"method": "zscore"})
+    slice_axis: int = 0
+    label_map: dict[int, int] | None = None
+    split: dict[str, Any] | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        if self.optimizer not in ("adamw", "sgd"):
+            raise TrainingError(f"unknown optimizer {self.optimizer!r}; choose adamw or sgd")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise TrainingError(
+                f"unknown precision {self.precision!r}; choose auto, bf16, fp16 or fp32"
+            )
+        if self.iterations < 1 or self.batch_size < 1:
+            raise TrainingError("iterations and batch size must be at least 1")
+        if any(p < 1 for p in self.patch_size):
+            raise TrainingError(f"patch size must be positive, got {self.patch_size}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise TrainingError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.label_map is not None:
+            self.label_map = {int(k): int(v) for k, v in self.label_map.items()}
+
+    @property
+    def learning_rate(self) -> float:
+        """The initial learning rate (``lr`` or the optimiser's default)."""
+        if self.lr is not None:
+            return float(self.lr)
+        return 1e-3 if self.optimizer == "adamw" else 1e-2
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (the model card's ``training["config"]``)."""
+        data = dataclasses.asdict(self)
+        data["patch_size"] = list(self.patch_size)
+        if self.label_map is not None:
+            data["label_map"] = {str(k): v for k, v in self.label_map.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Settings from :meth:`to_dict` output (unknown keys are ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of fine-tuning a model on a user's corrected labels.
+
+    Attributes:
+        iterations: optimiser steps (a short schedule).
+        seconds_budget: stop after this much training time (None: no limit).
+        lr: AdamW learning rate.
+        poly_power: learning-rate decay ``(1 - t / iterations) ** poly_power``; 0 (the
+            default) keeps it constant: with 100 steps, poly decay at 0.9 halved the
+            learning and left a missed structure missed in ``benchmarks/finetune.py``.
+        batch_size: patches per step.
+        patch_size: None: the model card's patch size, capped at 64 (3D) / 256 (2D).
+        lambda_scr: SelfReg SCR weight (0: off).
+        lambda_ifd: SelfReg IFD weight (0: off).
+        freeze: ``none``, ``encoder`` (stem to bottleneck) or ``stage:k`` (train
+            encoder blocks from the k-th on, counting the stem as 0).
+        corrected_weight: loss weight of corrected voxels.
+        uncorrected_weight: loss weight of voxels the user did not review (3D: outside
+            the slices holding corrections); reviewed voxels weigh 1.
+        focus_fraction: share of patches centred on a corrected voxel.
+        extend_classes: add output channels for label values the model lacks
+            (initialised from background) instead of refusing them.
+        label_map: remap label values first, e.g. ``{4: 1}``.
+        augment: random augmentation as in training.
+        precision: as in :class:`TrainConfig`.
+        device: as in :class:`TrainConfig`.
+        num_threads: CPU threads (None: torch's default).
+        seed: random seed.
+    """
+
+    iterations: int = 100
+    seconds_budget: float | None = 60.0
+    lr: float = 1e-3
+    poly_power: float = 0.0
+    batch_size: int = 2
+    patch_size: tuple[int, ...] | None = None
+    lambda_scr: float = 0.015
+    lambda_ifd: float = 0.015
+    freeze: str = "none"
+    corrected_weight: float = 5.0
+    uncorrected_weight: float = 0.25
+    focus_fraction: float = 0.7
+    extend_classes: bool = False
+    label_map: dict[int, int] | None = None
+    augment: bool = True
+    precision: str = "auto"
+    device: str = "auto"
+    num_threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.patch_size is not None:
+            self.patch_size = tuple(int(p) for p in self.patch_size)
+        if self.freeze not in ("none", "encoder") and not self.freeze.startswith("stage:"):
+            raise TrainingError(f"unknown freeze {self.freeze!r}; choose none, encoder or stage:K")
+        if self.corrected_weight <= 0 or self.uncorrected_weight < 0:
+            raise TrainingError("voxel weights must be positive")
+
+
+@dataclass
+class TrainEvent:
+    """One progress report of a training or fine-tuning run.
+
+    Attributes:
+        kind: ``iteration``, ``validation``, ``checkpoint``, ``message`` or ``done``.
+        iteration: optimiser steps done so far.
+        total: planned optimiser steps.
+        losses: loss terms of this step (``total``, ``seg``, ``ce``, ``dice``,
+            ``scr``, ``ifd`` and any model-specific terms), averaged over processes.
+        dice: validation Dice per class name (validation and done events).
+        lr: learning rate of this step.
+        seconds: training time so far.
+        model_path: the folder written (checkpoint and done events).
+        message: a sentence for the user (message events, early stop reasons).
+    """
+
+    kind: EventKind
+    iteration: int = 0
+    total: int = 0
+    losses: dict[str, float] = field(default_factory=dict)
+    dice: dict[str, float | None] = field(default_factory=dict)
+    lr: float = 0.0
+    seconds: float = 0.0
+    model_path: Path | None = None
+    message: str = ""

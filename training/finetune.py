@@ -1,0 +1,350 @@
+"""Fine-tune a model on a user's corrected labels (what the Fine-tune widget calls).
+
+The user segments a volume, corrects some voxels with napari's brush and hands
+over the image, the corrected labels and (optionally) the mask of voxels that
+changed against the prediction. Fine-tuning runs the one training loop with:
+patches centred on corrected voxels most of the time, corrected voxels weighted
+up in the loss, optionally a frozen encoder, a short schedule or a time budget,
+and SelfReg on. It saves a NEW model version whose card names its parent; the
+base model's files are never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from napari_selfreg import models
+from napari_selfreg.modelfile import ModelBundle, load_model, user_models_dir
+
+from .config import FinetuneConfig, LabelError, TrainConfig, TrainEvent, TrainingError
+from .datasets import case_from_arrays, check_labels
+from .loop import Trainer, check_classes
+
+
+def extend_classes(network: nn.Module, card_options: dict[str, Any], arch: str, num_classes: int):
+    """A copy of ``network`` with ``num_classes`` outputs; new channels start as background.
+
+    Every tensor whose first axis is the old class count (the 1x1 head, auxiliary
+    heads) is grown by repeating its background row, so the extended model
+    predicts exactly what the old one did until it is trained.
+    """
+    old = int(network.num_classes)
+    options = {k: v for k, v in card_options.items() if k not in ("in_channels", "num_classes")}
+    new = models.build(arch, int(network.in_channels), num_classes, **options)
+    old_state, new_state = network.state_dict(), new.state_dict()
+    for key, value in new_state.items():
+        prev = old_state[key]
+        if prev.shape == value.shape:
+            new_state[key] = prev
+        elif (
+            prev.shape[0] == old
+            and value.shape[0] == num_classes
+            and prev.shape[1:] == value.shape[1:]
+        ):
+            extra = prev[:1].expand(num_classes - old, *prev.shape[1:])
+            new_state[key] = torch.cat([prev, extra])
+        else:
+            raise TrainingError(
+                f"cannot extend the classes of {arch}: {key} has shape {tuple(prev.shape)}"
+            )
+    new.load_state_dict(new_state)
+    return new
+
+
+def encoder_stages(network: nn.Module, patch_size: tuple[int, ...]) -> list[list[nn.Parameter]]:
+    """Parameters of each encoder stage (stem first, bottleneck last), found by autograd.
+
+    Stage ``i`` holds the parameters that encoder feature ``i`` depends on and no
+    earlier encoder feature does; this works for any model with the feature
+    contract (``feature_info`` + ``forward_features``).
+    """
+    names = [f.name for f in network.feature_info]
+    groups = [(f.ifd_group or "") + (f.scr_group or "") for f in network.feature_info]
+    last = max(
+        (
+            i
+            for i, (n, g) in enumerate(zip(names, groups, strict=True))
+            if "enc" in g or n == "bottleneck"
+        ),
+        default=-1,
+    )
+    if last < 0:
+        raise TrainingError(
+            "this model does not say which blocks form its encoder; use freeze='none'"
+        )
+    params = [p for p in network.parameters() if p.requires_grad]
+    was_training = network.training
+    network.eval()
+    x = torch.zeros(
+        1, int(network.in_channels), *patch_size, device=next(network.parameters()).device
+    )
+    with torch.enable_grad():
+        _, features = network.forward_features(x)
+        seen: set[int] = set()
+        stages = []
+        for name in names[: last + 1]:
+            grads = torch.autograd.grad(
+                features[name].float().sum(), params, allow_unused=True, retain_graph=True
+            )
+            deps = {i for i, g in enumerate(grads) if g is not None}
+            stages.append([params[i] for i in sorted(deps - seen)])
+            seen |= deps
+    network.train(was_training)
+    return stages
+
+
+def freezer(freeze: str, patch_size: tuple[int, ...]) -> Callable[[nn.Module], None] | None:
+    """A ``configure`` hook for :class:`Trainer` that freezes encoder stages.
+
+    ``encoder`` freezes stem to bottleneck; ``stage:k`` freezes stages ``0..k-1``
+    (the stem is stage 0) and trains the rest. Normalisation layers inside frozen
+    stages keep their running statistics.
+    """
+    if freeze == "none":
+        return None
+
+    def configure(network: nn.Module) -> None:
+        stages = encoder_stages(network, patch_size)
+        if freeze == "encoder":
+            k = len(stages)
+        else:
+            try:
+                k = int(freeze.split(":", 1)[1])
+            except ValueError as err:
+                raise TrainingError(
+                    f"bad freeze {freeze!r}; write stage:K with K a number"
+                ) from err
+            if not 0 <= k <= len(stages):
+                raise TrainingError(
+                    f"freeze stage:{k} is out of range; this model has {len(stages)} encoder stages (0-{len(stages) - 1})"
+                )
+        frozen = {id(p) for stage in stages[:k] for p in stage}
+        for p in network.parameters():
+            if id(p) in frozen:
+                p.requires_grad_(False)
+        for module in network.modules():
+            own = list(module.parameters(recurse=False))
+            if (
+                isinstance(module, nn.modules.batchnorm._BatchNorm)
+                and own
+                and all(id(p) in frozen for p in own)
+            ):
+                module.momentum = 0.0  # keep running statistics as they are
+
+    return configure
+
+
+def edit_axis(changed: np.ndarray, max_fraction: float = 0.5) -> int | None:
+    """The axis the user painted along: corrections sit in few of its slices.
+
+    Returns the axis whose slices holding corrections are the smallest share of
+    its length, if that share is at most ``max_fraction``; None for 2D images or
+    corrections spread in 3D.
+    """
+    if changed.ndim != 3 or not changed.any():
+        return None
+    coords = np.nonzero(changed)
+    shares = [np.unique(c).size / n for c, n in zip(coords, changed.shape, strict=True)]
+    axis = int(np.argmin(shares))
+    return axis if shares[axis] <= max_fraction else None
+
+
+def correction_weights(
+    changed: np.ndarray, corrected_weight: float, uncorrected_weight: float
+) -> np.ndarray:
+    """Loss weight per voxel ``(*S)`` float32 from the mask of corrected voxels.
+
+    Corrected voxels weigh ``corrected_weight``. Voxels the user saw and left as
+    they were weigh 1: the whole image in 2D, and in 3D the slices (along the
+    painting axis, :func:`edit_axis`) that hold corrections. Every other voxel is
+    the old model's unreviewed prediction and weighs ``uncorrected_weight``.
+    """
+    weight = np.full(changed.shape, uncorrected_weight, dtype=np.float32)
+    if changed.ndim == 2:
+        weight[:] = max(1.0, uncorrected_weight)
+    axis = edit_axis(changed)
+    if axis is not None:
+        index = [slice(None)] * changed.ndim
+        index[axis] = np.unique(np.nonzero(changed)[axis])
+        weight[tuple(index)] = max(1.0, uncorrected_weight)
+    weight[changed] = corrected_weight
+    return weight
+
+
+def _changed_against_prediction(
+    bundle: ModelBundle, image: np.ndarray, labels: np.ndarray, cfg: FinetuneConfig
+) -> np.ndarray:
+    from napari_selfreg.device import resolve_device, resolve_precision
+
+    from .evaluate import predict_volume
+
+    device = resolve_device(cfg.device)
+    pred = predict_volume(
+        bundle.network, bundle.card, image, device, resolve_precision(cfg.precision, device)
+    )
+    return pred != labels
+
+
+def _patch_size(
+    card_patch: list[int] | None, shape: tuple[int, ...], dims: int
+) -> tuple[int, ...]:
+    cap = 64 if dims == 3 else 256
+    spatial = shape[-dims:]  # 2D models on 3D volumes slice along axis 0
+    base = card_patch[-dims:] if card_patch else [cap] * dims
+    return tuple(min(int(p), cap, max(int(s), 8)) for p, s in zip(base, spatial, strict=True))
+
+
+def iter_finetune(
+    base_model: str | Path | ModelBundle,
+    image: np.ndarray,
+    labels: np.ndarray,
+    changed_mask: np.ndarray | None = None,
+    config: FinetuneConfig | None = None,
+    out: str | Path | None = None,
+) -> Generator[TrainEvent, None, Path]:
+    """Fine-tune ``base_model`` on corrected labels; yield events; return the new model folder.
+
+    Args:
+        base_model: a model name, folder or loaded :class:`ModelBundle`.
+        image: the raw image ``(*S)`` (as the predictor sees it).
+        labels: the corrected labels ``(*S)``: the prediction with the user's edits.
+        changed_mask: bool ``(*S)``, voxels the user changed; None: computed against
+            the base model's prediction.
+        config: settings (:class:`FinetuneConfig`).
+        out: new model folder; None: ``<user models>/<base>-ft`` (``-ft-v2`` ... when taken).
+
+    Raises:
+        LabelError: labels with values the model lacks (use ``label_map`` or
+            ``extend_classes``), of another shape, or with no corrected voxel.
+    """
+    cfg = config or FinetuneConfig()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    bundle = base_model if isinstance(base_model, ModelBundle) else load_model(base_model)
+    card = bundle.card
+    image = np.asarray(image)
+    labels = check_labels(labels, "the corrected labels", cfg.label_map)
+    if image.shape[-labels.ndim :] != labels.shape:
+        raise LabelError(f"image and labels differ in shape ({image.shape} vs {labels.shape})")
+    network = copy.deepcopy(bundle.network).float()
+    class_names = list(card.class_names)
+    top = int(labels.max()) if labels.size else 0
+    if top >= card.num_classes:
+        if not cfg.extend_classes:
+            check_classes([labels], card.num_classes, f"model {card.name!r}")
+        network = extend_classes(network, card.options, card.architecture, top + 1)
+        class_names += [f"class {i}" for i in range(card.num_classes, top + 1)]
+    if changed_mask is None:
+        changed = _changed_against_prediction(bundle, image, labels, cfg)
+    else:
+        changed = np.asarray(changed_mask, dtype=bool)
+        if changed.shape != labels.shape:
+            raise LabelError(
+                f"the mask of changed voxels has shape {changed.shape}, the labels {labels.shape}"
+            )
+    if not changed.any():
+        raise LabelError(
+            "no voxel was corrected: the labels equal the model's prediction; paint corrections first"
+        )
+    weight = correction_weights(changed, cfg.corrected_weight, cfg.uncorrected_weight)
+    case = case_from_arrays(
+        image, labels, changed, name="corrected", normalization=card.normalization, weight=weight
+    )
+    check_classes([case.labels], len(class_names))
+    dims = int(getattr(network, "spatial_dims", 3))
+    patch = cfg.patch_size or _patch_size(card.patch_size, labels.shape, dims)
+    if "img_size" in card.options:  # fixed positional embedding (MISSU): train on that size
+        size = card.options["img_size"]
+        patch = (int(size),) * 3 if isinstance(size, int) else tuple(int(s) for s in size)
+    # a small input suffices to trace which parameters each encoder stage uses
+    probe = patch if "img_size" in card.options else tuple(min(p, 32) for p in patch)
+    train_cfg = TrainConfig(
+        arch=card.architecture,
+        arch_options={
+            k: v for k, v in card.options.items() if k not in ("in_channels", "num_classes")
+        },
+        num_classes=len(class_names),
+        class_names=class_names,
+        patch_size=patch,
+        batch_size=cfg.batch_size,
+        iterations=cfg.iterations,
+        max_seconds=cfg.seconds_budget,
+        lr=cfg.lr,
+        poly_power=cfg.poly_power,
+        lambda_scr=cfg.lambda_scr,
+        lambda_ifd=cfg.lambda_ifd,
+        precision=cfg.precision,
+        device=cfg.device,
+        fg_fraction=0.3,
+        focus_fraction=cfg.focus_fraction,
+        augment=cfg.augment,
+        val_fraction=0.0,
+        val_every=cfg.iterations,
+        patience=0,
+        seed=cfg.seed,
+        normalization=card.normalization,
+        description=f"{card.description} Fine-tuned on {int(changed.sum())} corrected voxels.".strip(),
+    )
+    base_card = copy.deepcopy(card)
+    base_card.class_names = class_names
+    base_card.class_colors = card.class_colors[: len(class_names)]
+    base_card.options = {**card.options, "num_classes": len(class_names)}
+    target = Path(out) if out is not None else user_models_dir() / f"{card.name}-ft"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.finetune-", dir=target.parent))
+    trainer = Trainer(
+        train_cfg,
+        [case],
+        target,
+        network=network,
+        base_card=base_card,
+        parent=str(bundle.path) if bundle.path is not None else card.name,
+        checkpoints=work,
+        configure=freezer(cfg.freeze, probe),
+        new_version=True,
+        extra_training={"finetune": {**_asdict(cfg), "corrected_voxels": int(changed.sum())}},
+    )
+    try:
+        return (yield from trainer.run())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def finetune(
+    base_model: str | Path | ModelBundle,
+    image: np.ndarray,
+    labels: np.ndarray,
+    changed_mask: np.ndarray | None = None,
+    config: FinetuneConfig | None = None,
+    out: str | Path | None = None,
+    callback: Callable[[TrainEvent], None] | None = None,
+) -> Path:
+    """Drain :func:`iter_finetune`; return the new model folder."""
+    gen = iter_finetune(base_model, image, labels, changed_mask, config, out)
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if callback is not None:
+            callback(event)
+
+
+def _asdict(cfg: FinetuneConfig) -> dict[str, Any]:
+    import dataclasses
+
+    data = dataclasses.asdict(cfg)
+    if cfg.patch_size is not None:
+        data["patch_size"] = list(cfg.patch_size)
+    if cfg.label_map is not None:
+        data["label_map"] = {str(k): v for k, v in cfg.label_map.items()}
+    return data
