@@ -29,11 +29,10 @@ CLASSES = ["background", "grey matter", "white matter"]
 
 def train_models(folder: Path, iterations: int) -> list[Path]:
     """Two briefly trained tiny UNets (plain, SelfReg) in ``folder``; reused when present."""
+    from napari_selfreg.data import load_mni152
     from napari_selfreg.training.config import TrainConfig
     from napari_selfreg.training.datasets import case_from_arrays
     from napari_selfreg.training.loop import train
-
-    from napari_selfreg.data import load_mni152
 
     image, labels, affine = load_mni152(2)
     paths = []

@@ -1,0 +1,325 @@
+"""The ``napari-selfreg`` command: segment, info, models, sample (+ train, finetune).
+
+A thin argparse shell over the library: ``segment`` drains ``predict.iter_segment``
+under a tqdm bar and writes labels with ``io.write_labels``; ``train`` and
+``finetune`` come from ``napari_selfreg.training.cli.add_parsers``. Errors a user
+can cause print one line ``napari-selfreg: error: ...`` and exit with status 2
+(130 after Ctrl-C); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+PROG = "napari-selfreg"
+OUTPUT_TAGS = ("_labels", "_probabilities", "_uncertainty")
+USER_ERRORS = (ValueError, OSError, MemoryError)  # FileNotFound/FileExists are OSErrors
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with all subcommands."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Segment 3D medical volumes with self-regularised UNets."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    seg = sub.add_parser(
+        "segment",
+        help="segment volumes (files or folders) into label maps",
+        description="Segment volumes; one input -> OUTPUT file (.nii/.nii.gz), several "
+        "inputs or a folder -> OUTPUT folder with <name>_labels.nii.gz per input.",
+    )
+    seg.add_argument("inputs", nargs="+", metavar="INPUT", help="volume file, DICOM folder or folder of volumes")  # fmt: skip
+    seg.add_argument("-o", "--output", required=True, help="output file (.nii.gz) or folder")
+    seg.add_argument("--model", default=None, help="model name or folder (default: the bundled model)")  # fmt: skip
+    seg.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu (default auto)")  # fmt: skip
+    seg.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    seg.add_argument("--tile", type=int, nargs="+", metavar="N", help="tile size per axis (D H W; H W for 2D models)")  # fmt: skip
+    seg.add_argument("--overlap", type=float, default=0.5, help="tile overlap in [0, 1) (default 0.5)")  # fmt: skip
+    seg.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
+    seg.add_argument("--axis", type=int, default=0, choices=[0, 1, 2], help="slice axis for 2D models")  # fmt: skip
+    seg.add_argument("--channel", type=int, default=None, help="volume to pick from a 4D file")
+    seg.add_argument("--probabilities", action="store_true", help="also write <name>_probabilities.nii.gz")  # fmt: skip
+    seg.add_argument("--uncertainty", action="store_true", help="also write <name>_uncertainty.nii.gz (normalised entropy)")  # fmt: skip
+    seg.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")  # fmt: skip
+    seg.add_argument("--quiet", action="store_true", help="no progress bar")
+    seg.set_defaults(func=cmd_segment)
+
+    info = sub.add_parser("info", help="torch build, GPUs, CPU features, precision choice")
+    info.set_defaults(func=cmd_info)
+
+    mods = sub.add_parser("models", help="list bundled and user models")
+    mods.add_argument("--json", action="store_true", help="machine-readable output")
+    mods.set_defaults(func=cmd_models)
+
+    sample = sub.add_parser("sample", help="write a sample volume and its labels")
+    sample.add_argument("name", help="sample name, e.g. mni152 or phantom")
+    sample.add_argument("-o", "--output", required=True, help="output folder")
+    sample.set_defaults(func=cmd_sample)
+
+    try:
+        training_cli = importlib.import_module("napari_selfreg.training.cli")
+    except ModuleNotFoundError as err:  # the training module is optional
+        if err.name not in ("napari_selfreg.training", "napari_selfreg.training.cli"):
+            raise
+    else:
+        training_cli.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def one_line(err: BaseException) -> str:
+    """A one-line message for an exception (OSErrors get their file name)."""
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        text = f"{err.strerror}: {err.filename}"
+    elif isinstance(err, MemoryError):
+        text = str(err) or "out of memory"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------- segment
+
+
+def stem(path: Path) -> str:
+    """File name without its volume suffix (``scan.nii.gz`` -> ``scan``)."""
+    from .io import READ_SUFFIXES
+
+    name = path.name
+    for suffix in sorted(READ_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], bool]:
+    """Input volumes, and whether the outputs go to a folder.
+
+    Files are taken as given; a folder holding volume files gives each of them
+    (this command's outputs, ``*_labels`` etc., skipped); any other folder is read
+    as one DICOM series. Several volumes, or a folder of them, mean folder output.
+    """
+    from .io import DICOM_SUFFIXES, READ_SUFFIXES
+
+    found: list[Path] = []
+    folder_mode = False
+    for item in inputs:
+        path = Path(item).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"input {path} does not exist")
+        volumes = [path]
+        if path.is_dir():
+            volumes = [
+                p
+                for p in sorted(path.iterdir())
+                if p.is_file()
+                and p.name.lower().endswith(READ_SUFFIXES)
+                and not p.name.lower().endswith(DICOM_SUFFIXES)
+                and not stem(p).endswith(OUTPUT_TAGS)
+            ] or [path]
+            folder_mode |= volumes != [path]
+        found.extend(volumes)
+    return found, folder_mode or len(found) > 1
+
+
+def plan_outputs(inputs: list[Path], output: str, folder_mode: bool) -> list[Path]:
+    """Labels path per input: OUTPUT for one volume and a .nii/.nii.gz OUTPUT, else
+    ``OUTPUT/<stem>_labels.nii.gz``."""
+    out = Path(output).expanduser()
+    is_file = out.name.lower().endswith((".nii", ".nii.gz"))
+    if is_file and not folder_mode:
+        return [out]
+    if is_file:
+        raise ValueError(f"several inputs need an output folder, not the file name {out}")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {out} is a file; give a folder")
+    names = [f"{stem(p)}_labels.nii.gz" for p in inputs]
+    if len(set(names)) != len(names):
+        raise ValueError("two inputs have the same name; segment them into different folders")
+    return [out / n for n in names]
+
+
+def companion(labels_path: Path, tag: str) -> Path:
+    """``x_labels.nii.gz`` -> ``x_<tag>.nii.gz``; ``out.nii`` -> ``out_<tag>.nii``."""
+    name = labels_path.name
+    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else ".nii"
+    base = name[: -len(suffix)]
+    base = base[: -len("_labels")] if base.endswith("_labels") else base
+    return labels_path.with_name(f"{base}_{tag}{suffix}")
+
+
+def check_outputs(inputs: list[Path], outputs: list[Path], overwrite: bool) -> None:
+    """Never write over an input; write over other files only with ``--overwrite``."""
+    sources = {p.resolve() for p in inputs}
+    for out in outputs:
+        if out.resolve() in sources:
+            raise FileExistsError(f"output {out} is one of the inputs; it is never overwritten")
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"output {out} exists; pass --overwrite to replace it")
+
+
+def class_volumes(labels, volume, names: list[str]) -> list[tuple[str, int, float]]:
+    """``(name, voxels, ml)`` per class; 2D volumes report mm^2 instead of ml."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(labels).ravel(), minlength=len(names))
+    if volume.ndim == 3:
+        unit = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0  # mm^3 -> ml
+    else:
+        unit = float(np.prod(volume.spacing[:2]))  # mm^2
+    names = list(names) + [f"class {i}" for i in range(len(names), len(counts))]
+    return [(names[i], int(c), float(c) * unit) for i, c in enumerate(counts)]
+
+
+def cmd_segment(args) -> int:
+    import numpy as np
+
+    from . import io
+    from .predict import Predictor
+
+    inputs, folder_mode = expand_inputs(args.inputs)
+    outputs = plan_outputs(inputs, args.output, folder_mode)
+    tags = [t for t in ("probabilities", "uncertainty") if getattr(args, t)]
+    check_outputs(
+        inputs, outputs + [companion(o, t) for o in outputs for t in tags], args.overwrite
+    )
+    predictor = Predictor(
+        args.model,
+        tile=args.tile,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        axis=args.axis,
+        probabilities=args.probabilities,
+        uncertainty=args.uncertainty,
+    )
+    card = predictor.card
+    names = card.class_names if card else [f"class {i}" for i in range(predictor.num_classes)]
+    for source, target in zip(inputs, outputs, strict=True):
+        volume = io.read_volume(source, channel=args.channel)
+        result = run_with_progress(predictor, volume, source.name, args.quiet)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        written = io.write_labels(target, np.asarray(result.labels), reference=volume)
+        extras = {}
+        if result.probabilities is not None:  # classes on the 4th NIfTI axis
+            extras["probabilities"] = np.moveaxis(np.asarray(result.probabilities), 0, -1)
+        if result.uncertainty is not None:
+            extras["uncertainty"] = np.asarray(result.uncertainty)
+        for tag, data in extras.items():
+            print(f"wrote {tag} {io.write_volume(companion(target, tag), data, reference=volume)}")
+        info = result.info
+        print(
+            f"wrote labels {written} ({' x '.join(map(str, volume.shape))} voxels, "
+            f"{info['seconds']:.1f} s on {info['device']} in {info['precision']})"
+        )
+        unit = "ml" if volume.ndim == 3 else "mm^2"
+        width = max(len(n) for n in names)
+        for name, voxels, amount in class_volumes(result.labels, volume, names):
+            print(f"  {name:<{width}}  {voxels:>10d} voxels  {amount:12.2f} {unit}")
+    return 0
+
+
+def run_with_progress(predictor, volume, label: str, quiet: bool):
+    """Drain ``predictor.iter_segment`` with a tqdm bar; fallbacks are printed."""
+    from tqdm import tqdm
+
+    gen = predictor.iter_segment(volume.data, spacing=volume.spacing)
+    with tqdm(desc=label, unit="tile", disable=True if quiet else None, file=sys.stderr) as bar:
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            if event.stage == "fallback":
+                tqdm.write(f"{PROG}: {event.message}", file=sys.stderr)
+            if event.total:
+                bar.total = event.total
+                bar.n = event.done
+                bar.refresh()
+
+
+# ----------------------------------------------------------------------------- other commands
+
+
+def cmd_info(args) -> int:
+    from . import __version__
+    from .device import device_report
+    from .modelfile import user_models_dir
+
+    print(f"napari-selfreg {__version__}")
+    print(device_report())
+    print(f"user models: {user_models_dir()}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .modelfile import BUNDLED_DIR, list_models, user_models_dir
+
+    rows = []
+    for name, folder, card in list_models():
+        rows.append(
+            {
+                "name": name,
+                "source": "bundled" if folder.parent == BUNDLED_DIR else "user",
+                "path": str(folder),
+                "architecture": card.architecture,
+                "classes": card.class_names,
+                "patch_size": card.patch_size,
+                "spacing": card.spacing,
+                "normalization": card.normalization,
+                "parent": card.parent,
+                "metrics": card.metrics,
+                "description": card.description,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no models installed; user models go to {user_models_dir()}")
+    for r in rows:
+        print(f"{r['name']}  ({r['source']}, {r['architecture']}, {len(r['classes'])} classes)")
+        print(f"  classes: {', '.join(r['classes'])}")
+        print(f"  patch {r['patch_size']}, spacing {r['spacing']}, path {r['path']}")
+        if r["description"]:
+            print(f"  {r['description'].splitlines()[0]}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .data import write_sample
+
+    for path in write_sample(args.name, args.output):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The ``napari-selfreg`` command line, called in-process (and once as the console script)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_selfreg import cli, io
+
+AFFINE = np.array(
+    [[-2.0, 0, 0, 30], [0, 2.0, 0, -20], [0, 0, 1.5, 5], [0, 0, 0, 1]]
+)  # voxel = 6 mm^3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def scan(tmp_path):
+    """A 20 x 24 x 22 volume with an oblique-free, flipped affine, written as NIfTI."""
+    rng = np.random.default_rng(0)
+    data = rng.normal(100, 20, (20, 24, 22)).astype(np.float32)
+    return io.write_volume(tmp_path / "scan.nii.gz", data, affine=AFFINE)
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])  # noqa
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, text):
+    assert code == 2
+    assert err.startswith("napari-selfreg: error: ") and err.count("\n") == 1, err
+    assert text in err and "Traceback" not in err
+
+
+def test_segment_one_file(tiny_model, scan, tmp_path, capsys):
+    out = tmp_path / "out" / "seg.nii.gz"
+    code, stdout, _ = run(capsys, "segment", scan, "-o", out, "--model", tiny_model,
+                          "--tile", 16, 16, 16, "--quiet")  # fmt: skip
+    assert code == 0
+    labels = io.read_volume(out)
+    assert labels.shape == (20, 24, 22) and labels.data.dtype == np.uint8
+    assert np.array_equal(labels.affine, io.read_volume(scan).affine)
+    assert f"wrote labels {out}" in stdout
+    counts = np.bincount(labels.data.ravel(), minlength=3)
+    for name, n in zip(["background", "outer", "inner"], counts, strict=True):
+        assert f"{name:<10}  {n:>10d} voxels  {n * 6 / 1000:12.2f} ml" in stdout
+
+
+def test_segment_folder_with_probabilities(tiny_model, scan, tmp_path, capsys):
+    data = io.read_volume(scan).data
+    io.write_volume(tmp_path / "second.nii", data[::-1].copy(), affine=AFFINE)
+    io.write_labels(tmp_path / "old_labels.nii.gz", np.zeros(data.shape, np.uint8), affine=AFFINE)
+    out = tmp_path / "results"
+    code, stdout, _ = run(capsys, "segment", tmp_path, "-o", out, "--model", tiny_model,
+                          "--probabilities", "--uncertainty", "--tile", 16, "--quiet")  # fmt: skip
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "scan_labels.nii.gz",
+        "scan_probabilities.nii.gz",
+        "scan_uncertainty.nii.gz",
+        "second_labels.nii.gz",
+        "second_probabilities.nii.gz",
+        "second_uncertainty.nii.gz",
+    ]  # old_labels.nii.gz (an output of an earlier run) was not segmented
+    probs = io.read_volume(out / "scan_probabilities.nii.gz", channel=1)
+    assert probs.shape == data.shape
+    assert stdout.count("wrote labels") == 2
+
+
+def test_never_overwrites_an_input(tiny_model, scan, capsys):
+    before = scan.read_bytes()
+    code, _, err = run(capsys, "segment", scan, "-o", scan, "--model", tiny_model, "--overwrite")
+    assert_one_line_error(code, err, "is one of the inputs")
+    assert scan.read_bytes() == before
+
+
+def test_existing_output_needs_overwrite(tiny_model, scan, tmp_path, capsys):
+    out = tmp_path / "seg.nii"
+    out.write_bytes(b"keep me")
+    args = ["segment", scan, "-o", out, "--model", tiny_model, "--tile", 16, "--quiet"]
+    code, _, err = run(capsys, *args)
+    assert_one_line_error(code, err, "--overwrite")
+    assert out.read_bytes() == b"keep me"
+    assert run(capsys, *args, "--overwrite")[0] == 0
+    assert io.read_volume(out).shape == (20, 24, 22)
+
+
+def test_user_errors_are_one_line(tiny_model, scan, tmp_path, capsys, selfreg_home, monkeypatch):
+    code, _, err = run(capsys, "segment", tmp_path / "missing.nii", "-o", tmp_path / "x.nii.gz")
+    assert_one_line_error(code, err, "does not exist")
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not a nifti file")
+    code, _, err = run(capsys, "segment", bad, "-o", tmp_path / "x.nii.gz", "--model", tiny_model)
+    assert_one_line_error(code, err, "bad.nii.gz")
+    # a copy of the package without its bundled default model
+    monkeypatch.setattr("napari_selfreg.modelfile.BUNDLED_DIR", tmp_path / "no-bundled-models")
+    code, _, err = run(capsys, "segment", scan, "-o", tmp_path / "x.nii.gz")
+    assert_one_line_error(code, err, "--model")
+    code, _, err = run(capsys, "segment", scan, "-o", tmp_path / "x.nii.gz", "--model",
+                       tiny_model, "--device", "tpu")  # fmt: skip
+    assert_one_line_error(code, err, "unknown device 'tpu'")
+    code, _, err = run(capsys, "segment", scan, "-o", tmp_path / "x.nii.gz", "--model",
+                       tiny_model, "--tile", 16, 16)  # fmt: skip
+    assert_one_line_error(code, err, "tile of 3")
+    code, _, err = run(capsys, "sample", "nonsense", "-o", tmp_path)
+    assert_one_line_error(code, err, "unknown sample 'nonsense'")
+    code, _, err = run(
+        capsys, "segment", scan, tmp_path / "scan.nii.gz", "-o", tmp_path / "y.nii.gz"
+    )
+    assert_one_line_error(code, err, "output folder")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        cli.main(["--debug", "segment", str(tmp_path / "missing.nii"), "-o", "x.nii.gz"])
+
+
+def test_ctrl_c_exits_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    code, _, err = run(capsys, "info")
+    assert code == 130 and err == "napari-selfreg: interrupted\n"
+
+
+def test_one_line_messages():
+    assert (
+        cli.one_line(PermissionError(13, "Permission denied", "/x/y")) == "Permission denied: /x/y"
+    )
+    assert cli.one_line(ValueError("two\n lines")) == "two lines"
+    assert cli.one_line(MemoryError()) == "out of memory"
+
+
+def test_info_models_and_sample(tiny_model, tmp_path, capsys):
+    code, out, _ = run(capsys, "info")
+    assert code == 0 and f"torch {torch.__version__}" in out and "CPU bf16" in out
+    code, out, _ = run(capsys, "models", "--json")
+    rows = json.loads(out)
+    assert code == 0 and [r["name"] for r in rows] == ["brain-tissue-unet3d", "tiny"]
+    assert rows[1]["classes"] == ["background", "outer", "inner"] and rows[1]["source"] == "user"
+    assert rows[0]["source"] == "bundled"
+    code, out, _ = run(capsys, "models")
+    assert "tiny  (user, unet3d, 3 classes)" in out
+    code, out, _ = run(capsys, "sample", "phantom", "-o", tmp_path / "samples")
+    assert code == 0
+    written = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert written == ["phantom_image.nii.gz", "phantom_labels.nii.gz"]
+    assert f"wrote {tmp_path / 'samples' / 'phantom_image.nii.gz'}" in out
+
+
+def test_training_commands_are_registered_when_installed():
+    parser = cli.build_parser()
+    commands = set(parser._subparsers._group_actions[0].choices)
+    assert {"segment", "info", "models", "sample"} <= commands
+    try:
+        import napari_selfreg.training.cli  # noqa: F401
+    except ModuleNotFoundError:
+        assert not commands & {"train", "finetune"}
+    else:
+        assert {"train", "finetune"} <= commands
+
+
+def test_console_script(tmp_path):
+    """The installed entry point runs main() and turns a user error into one line + status 2."""
+    script = Path(sys.executable).parent / "napari-selfreg"
+    missing = tmp_path / "no.nii"
+    done = subprocess.run([str(script), "segment", str(missing), "-o", "x.nii.gz"],
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"napari-selfreg: error: input {missing} does not exist"]

@@ -1,0 +1,133 @@
+"""Device and precision choice, and the diagnostic report (all paths testable on a CPU)."""
+
+import pytest
+import torch
+
+from napari_selfreg import device as dev
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """Pretend to run a CPU-only torch wheel, whatever this machine has."""
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(dev, "mps_available", lambda: False)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend to have one CUDA GPU (only the queries resolve_* make)."""
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+
+
+def test_auto_prefers_cuda_then_mps_then_cpu(cpu_only, monkeypatch):
+    assert dev.resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(dev, "mps_available", lambda: True)
+    assert dev.resolve_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert dev.resolve_device("auto") == torch.device("cuda", 0)
+
+
+def test_cuda_on_cpu_only_build_says_why(cpu_only):
+    with pytest.raises(ValueError, match="CPU-only") as err:
+        dev.resolve_device("cuda")
+    assert "available: cpu" in str(err.value)
+    with pytest.raises(ValueError, match="not available"):
+        dev.resolve_device("cuda:1")
+    with pytest.raises(ValueError, match="mps"):
+        dev.resolve_device("mps")
+    assert "CPU-only" in dev.cuda_unavailable_reason()
+
+
+def test_cuda_build_without_gpu_says_so(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert "sees no GPU" in dev.cuda_unavailable_reason()
+
+
+def test_explicit_devices(fake_gpu):
+    assert dev.resolve_device("cpu") == torch.device("cpu")
+    assert dev.resolve_device("cuda") == torch.device("cuda", 0)
+    assert dev.resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert dev.resolve_device("gpu") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="1 GPU"):
+        dev.resolve_device("cuda:3")
+    with pytest.raises(ValueError, match="cuda:N"):
+        dev.resolve_device("cuda:x")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        dev.resolve_device("tpu")
+
+
+def test_precision_on_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    assert dev.resolve_precision("fp32", cpu) is None
+    assert dev.resolve_precision("bf16", cpu) is torch.bfloat16
+    assert dev.resolve_precision("float16", cpu) is torch.float16
+    monkeypatch.setattr(dev, "cpu_bf16_fast", lambda: True)
+    assert dev.resolve_precision("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(dev, "cpu_bf16_fast", lambda: False)
+    assert dev.resolve_precision("auto", "cpu") is None
+    with pytest.raises(ValueError, match="unknown precision"):
+        dev.resolve_precision("fp8", cpu)
+
+
+def test_precision_on_cuda(fake_gpu, monkeypatch):
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(dev, "cuda_bf16_native", lambda device: True)
+    assert dev.resolve_precision("auto", gpu) is torch.bfloat16
+    monkeypatch.setattr(dev, "cuda_bf16_native", lambda device: False)  # e.g. a T4
+    assert dev.resolve_precision("auto", gpu) is torch.float16
+    assert dev.resolve_precision("fp32", gpu) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # emulated is allowed
+    assert dev.resolve_precision("bf16", gpu) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    with pytest.raises(ValueError, match="no bfloat16"):
+        dev.resolve_precision("bf16", gpu)
+
+
+def test_cuda_bf16_native_reads_compute_capability(fake_gpu, monkeypatch):
+    class Props:
+        major = 7
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    assert not dev.cuda_bf16_native(torch.device("cuda", 0))
+    Props.major = 9
+    assert dev.cuda_bf16_native(torch.device("cuda", 0))
+
+
+def test_bf16_detection_needs_bf16_units():
+    assert not dev.cpu_bf16_fast({})
+    assert not dev.cpu_bf16_fast({"avx2": True, "avx512_f": True})
+    caps = dev.cpu_capabilities()
+    if not any(caps.get(k) for k in ("amx_bf16", "amx_tile", "avx512_bf16", "bf16")):
+        assert not dev.cpu_bf16_fast()
+
+
+def test_autocast_context():
+    cpu = torch.device("cpu")
+    with dev.autocast(cpu, None):
+        assert not torch.is_autocast_enabled("cpu")
+    with dev.autocast(cpu, torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") is torch.bfloat16
+    assert dev.precision_name(None) == "fp32"
+    assert dev.precision_name(torch.bfloat16) == "bf16"
+
+
+def test_device_report_lists_everything(cpu_only):
+    report = dev.device_report()
+    assert f"torch {torch.__version__}" in report
+    assert "CUDA: not available" in report and "CPU-only" in report
+    assert "MPS:" in report
+    assert "CPU bf16:" in report
+    assert f"{torch.get_num_threads()} intra-op" in report
+    assert "auto choice: device cpu" in report
