@@ -28,7 +28,9 @@ def run_headless(out_dir: Path) -> int:
 
     image_path, _ = data.write_sample("mni152", out_dir)
     print(f"sample written to {image_path}")
-    return cli.main(["segment", str(image_path), "-o", str(out_dir / "mni152_segmentation.nii.gz")])
+    return cli.main(
+        ["segment", str(image_path), "-o", str(out_dir / "mni152_segmentation.nii.gz")]
+    )
 
 
 def run_viewer() -> int:
