@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from .jobs import drain
+
 CACHE_SIZE = 4
 DEFAULT_PATCH = {2: 256, 3: 96}
 _CACHE: OrderedDict[tuple, Any] = OrderedDict()
@@ -613,12 +615,7 @@ def iter_inspect(
 
 def inspect(bundles: Sequence, image, block: str, **kwargs) -> list[ModelInspection]:
     """Drain :func:`iter_inspect` and return its result."""
-    gen = iter_inspect(bundles, image, block, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return drain(iter_inspect(bundles, image, block, **kwargs))
 
 
 def compare(

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from .device import autocast, precision_name, resolve_device, resolve_precision
+from .jobs import drain
 
 DEFAULT_TILE = {3: (96, 96, 96), 2: (256, 256)}
 _LOW_PRECISION_MODULES = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -336,12 +337,7 @@ class Predictor:
     # ------------------------------------------------------------------ public API
     def segment(self, image, spacing=None, mask=None, out=None) -> SegmentationResult:
         """Run :meth:`iter_segment` to the end and return its result."""
-        gen = self.iter_segment(image, spacing=spacing, mask=mask, out=out)
-        while True:
-            try:
-                next(gen)
-            except StopIteration as stop:
-                return stop.value
+        return drain(self.iter_segment(image, spacing=spacing, mask=mask, out=out))
 
     def iter_segment(
         self, image, spacing: Sequence[float] | None = None, mask=None, out=None

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from napari_selfreg.jobs import drain
+
 from .config import FinetuneConfig, TrainConfig, TrainEvent, TrainingError
 
 _SHOWN = ("total", "ce", "dice", "scr", "ifd")
@@ -196,10 +198,7 @@ class ProgressPrinter:
 
 def _drain(gen, printer: ProgressPrinter) -> Path:
     try:
-        while True:
-            printer(next(gen))
-    except StopIteration as stop:
-        return Path(stop.value)
+        return Path(drain(gen, printer))
     finally:
         printer.close()
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from napari_selfreg import models
+from napari_selfreg.jobs import drain
 from napari_selfreg.modelfile import ModelBundle, load_model, user_models_dir
 
 from .config import FinetuneConfig, LabelError, TrainConfig, TrainEvent, TrainingError
@@ -329,14 +330,7 @@ def finetune(
     callback: Callable[[TrainEvent], None] | None = None,
 ) -> Path:
     """Drain :func:`iter_finetune`; return the new model folder."""
-    gen = iter_finetune(base_model, image, labels, changed_mask, config, out)
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if callback is not None:
-            callback(event)
+    return drain(iter_finetune(base_model, image, labels, changed_mask, config, out), callback)
 
 
 def _asdict(cfg: FinetuneConfig) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from napari_selfreg import models
 from napari_selfreg.device import autocast, precision_name, resolve_device, resolve_precision
+from napari_selfreg.jobs import drain
 from napari_selfreg.modelfile import ModelCard, load_model, save_model
 from napari_selfreg.selfreg import SegmentationLoss, SelfRegLoss
 
@@ -499,11 +500,4 @@ def train(
     **options: Any,
 ) -> Path:
     """Drain :func:`iter_train`; ``callback`` sees every event. Returns the model folder."""
-    gen = iter_train(config, cases, out, **options)
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if callback is not None:
-            callback(event)
+    return drain(iter_train(config, cases, out, **options), callback)
