@@ -268,7 +268,7 @@ def _check_sample(viewer, key, SAMPLES):
 
 
 @pytest.mark.gui
-def test_every_manifest_widget_docks(make_napari_viewer, selfreg_home):
+def test_every_manifest_widget_docks(make_napari_viewer, selfreg_home, qtbot):
     from npe2 import PluginManager
 
     viewer = make_napari_viewer()
@@ -280,3 +280,7 @@ def test_every_manifest_widget_docks(make_napari_viewer, selfreg_home):
         assert type(widget).__name__ == classes[contribution.command]
         again = viewer.window.add_plugin_dock_widget(PLUGIN, contribution.display_name)
         assert again[1] is widget  # docking twice reuses the open widget
+        # Inspect starts loading the selected model in a thread: let it finish
+        # inside the test, not during interpreter exit.
+        loaders = getattr(widget, "_loaders", {})
+        qtbot.waitUntil(lambda loaders=loaders: not loaders, timeout=30000)

@@ -80,6 +80,11 @@ class InspectWidget(QWidget):
         self.viewer = viewer
         self._bundles: dict[str, object] = {}
         self._loaders: dict[str, object] = {}
+        # Model loaders can return after the dock is deleted (viewer closed):
+        # their callbacks then must not touch Qt objects. The flag lives in a
+        # plain dict so the destroyed handler does not reference the widget.
+        alive = self._alive = {"widget": True}
+        self.destroyed.connect(lambda *_: alive.update(widget=False))
         self._failed: dict[str, str] = {}
         self._worker = None
         self._results = None
@@ -199,12 +204,16 @@ class InspectWidget(QWidget):
         self._refresh_blocks()
 
     def _on_model_loaded(self, path, bundle):
+        if not self._alive["widget"]:
+            return
         self._loaders.pop(path, None)
         self._bundles[path] = bundle
         self.status.setText(f"model {bundle.card.name} ready")
         self._refresh_blocks()
 
     def _on_load_failed(self, path, err):
+        if not self._alive["widget"]:
+            return
         self._loaders.pop(path, None)
         self._failed[path] = f"cannot load model {Path(path).name}: {err}"
         self._message(self._failed[path], error=True)
