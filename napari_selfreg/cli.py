@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu (default auto)")  # fmt: skip
     seg.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     seg.add_argument("--tile", type=int, nargs="+", metavar="N", help="tile size per axis (D H W; H W for 2D models)")  # fmt: skip
-    seg.add_argument("--overlap", type=float, default=0.5, help="tile overlap in [0, 1) (default 0.5)")  # fmt: skip
+    seg.add_argument("--overlap", type=float, default=0.25, help="tile overlap in [0, 1) (default 0.25; 0.5 is smoother and about 2.5x slower)")  # fmt: skip
     seg.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
     seg.add_argument("--axis", type=int, default=0, choices=[0, 1, 2], help="slice axis for 2D models")  # fmt: skip
     seg.add_argument("--channel", type=int, default=None, help="volume to pick from a 4D file")

