@@ -84,6 +84,12 @@ def test_train_reports_mismatched_labels_in_one_line(folders, capsys):
         (["--arch", "nonet"], "unknown architecture"),
         (["--patch", "16", "16"], "--patch needs 3 sizes"),
         (["--num-classes", "2"], r"value\(s\) 2"),
+        (
+            ["--arch-option", "chanels=[4, 8]"],
+            r"unet3d has no option 'chanels'; its options: channels, norm",
+        ),  # fmt: skip
+        (["--arch-option", "norm"], "bad --arch-option 'norm'; write KEY=VALUE"),
+        (["--arch-option", "norm=nonorm"], "cannot build unet3d .*unknown norm 'nonorm'"),
     ],
 )
 def test_train_user_errors(folders, capsys, extra, message):
@@ -93,6 +99,27 @@ def test_train_user_errors(folders, capsys, extra, message):
     err = capsys.readouterr().err
     assert err.startswith("napari-selfreg: error:")
     assert __import__("re").search(message, err)
+
+
+def test_arch_options_switch_missu_lmsf_on(folders, capsys):
+    """JSON values (lists, true) and plain text both reach the architecture."""
+    model = folders / "missu"
+    args = ["train", "--images", str(folders / "images"), "--labels", str(folders / "labels"),
+            "--out", str(model), "--arch", "missu3d", "--iterations", "2", "--val-every", "2",
+            "--patch", "16", "16", "16", "--batch-size", "1", "--precision", "fp32",
+            "--threads", "1", "--arch-option", "channels=[4, 8, 8, 16]",
+            "--arch-option", "blocks=[1, 1, 1, 1]", "--arch-option", "embed_dim=16",
+            "--arch-option", "num_layers=1", "--arch-option", "num_heads=2",
+            "--arch-option", "mlp_dim=16", "--arch-option", "img_size=16",
+            "--arch-option", "training_modules=true"]  # fmt: skip
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "kd=" in err and "lmsf_aux=" in err  # MISSU's own terms are trained and shown
+    card = load_model(model).card
+    assert card.training["config"]["arch_options"]["training_modules"] is True
+    # the saved network is the deployed one: no LMSF, the other options as given
+    assert card.options["training_modules"] is False and card.options["img_size"] == [16, 16, 16]
+    assert card.options["embed_dim"] == 16 and card.options["channels"] == [4, 8, 8, 16]
 
 
 def test_finetune_rejects_a_model_that_is_not_ours(folders, capsys):

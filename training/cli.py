@@ -18,7 +18,7 @@ from napari_selfreg.jobs import drain
 
 from .config import FinetuneConfig, TrainConfig, TrainEvent, TrainingError
 
-_SHOWN = ("total", "ce", "dice", "scr", "ifd")
+_HIDDEN = ("seg",)  # = ce + dice, shown as those two
 
 
 def _label_map(text: str | None) -> dict[int, int] | None:
@@ -43,6 +43,30 @@ def _normalization(text: str) -> dict[str, Any]:
     return spec
 
 
+def _arch_options(arch: str, items: list[str], channels: list[int] | None) -> dict[str, Any]:
+    """``--arch-option KEY=VALUE`` pairs (VALUE as JSON, else as text), checked against ``arch``."""
+    import json
+
+    from napari_selfreg import models
+
+    options: dict[str, Any] = {"channels": list(channels)} if channels else {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise TrainingError(f"bad --arch-option {item!r}; write KEY=VALUE, e.g. img_size=64")
+        try:
+            options[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key.strip()] = text
+    valid = models.architecture_options(arch)
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        raise TrainingError(
+            f"{arch} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(valid)}"
+        )
+    return options
+
+
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``train`` and ``finetune`` subcommands."""
     tr = subparsers.add_parser(
@@ -58,6 +82,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("--out", required=True, help="model folder to write (must not exist)")
     tr.add_argument("--arch", default="unet3d", help="architecture (default unet3d)")
     tr.add_argument("--channels", type=int, nargs="+", help="UNet widths per level, e.g. 16 32 64 128")  # fmt: skip
+    tr.add_argument("--arch-option", action="append", default=[], metavar="KEY=VALUE", help="architecture option, VALUE as JSON or text; repeatable, e.g. --arch-option training_modules=true --arch-option img_size=64 (a wrong KEY lists the valid ones)")  # fmt: skip
     tr.add_argument("--iterations", type=int, default=1000, help="optimiser steps (default 1000)")
     tr.add_argument("--patch", type=int, nargs="+", metavar="N", help="patch size: D H W (H W for 2D models; default 64^3 / 128^2)")  # fmt: skip
     tr.add_argument("--batch-size", type=int, default=2, help="patches per step and process")
@@ -125,7 +150,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     patch = tuple(args.patch) if args.patch else ((128, 128) if two_d else (64, 64, 64))
     if len(patch) != (2 if two_d else 3):
         raise TrainingError(f"--patch needs {2 if two_d else 3} sizes for {args.arch}")
-    options = {"channels": list(args.channels)} if args.channels else {}
+    options = _arch_options(args.arch, args.arch_option, args.channels)
     lam_scr, lam_ifd = (0.0, 0.0) if args.no_selfreg else (args.lambda_scr, args.lambda_ifd)
     split = None
     if args.split_from:
@@ -178,7 +203,7 @@ class ProgressPrinter:
         if event.kind == "iteration":
             self.bar.n = event.iteration
             self.bar.set_postfix(
-                {k: f"{v:.3f}" for k, v in event.losses.items() if k in _SHOWN or "kl" in k},
+                {k: f"{v:.3f}" for k, v in event.losses.items() if k not in _HIDDEN},
                 refresh=True,
             )
         elif event.kind == "validation":

@@ -14,6 +14,8 @@ stores, so ``build(card.architecture, **card.options)`` rebuilds the network.
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,13 +68,32 @@ def build(name: str, in_channels: int = 1, num_classes: int = 2, **options) -> n
         name: one of :func:`available`.
         in_channels: image channels.
         num_classes: output classes, background included.
-        **options: architecture options; ``None`` values are dropped.
+        **options: architecture options (:func:`architecture_options`); ``None``
+            values are dropped.
+
+    Raises:
+        ValueError: unknown architecture or option (the message lists the valid ones).
     """
+    valid = architecture_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"{name} has no option {', '.join(map(repr, unknown))}; "
+            f"its options: {', '.join(valid)}"
+        )
+    options = {k: v for k, v in options.items() if v is not None}
+    return _REGISTRY[name](in_channels=in_channels, num_classes=num_classes, **options)
+
+
+def architecture_options(name: str) -> list[str]:
+    """The options of a registered architecture: the keyword arguments of the class its
+    builder returns (read from the builder's return annotation), but the channel counts."""
     _import_builtin()
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    options = {k: v for k, v in options.items() if v is not None}
-    return _REGISTRY[name](in_channels=in_channels, num_classes=num_classes, **options)
+    cls = typing.get_type_hints(_REGISTRY[name])["return"]
+    params = inspect.signature(cls.__init__).parameters
+    return [p for p in params if p not in ("self", "in_channels", "num_classes", "spatial_dims")]
 
 
 def selfreg_groups(model: nn.Module) -> dict[str, tuple[str | None, str | None]]:
@@ -96,4 +117,12 @@ def _import_builtin() -> None:
     from . import missu, swin_unet, unet  # noqa: F401
 
 
-__all__ = ["FeatureInfo", "available", "build", "deploy", "register_model", "selfreg_groups"]
+__all__ = [
+    "FeatureInfo",
+    "architecture_options",
+    "available",
+    "build",
+    "deploy",
+    "register_model",
+    "selfreg_groups",
+]
