@@ -24,6 +24,7 @@ from napari_selfreg.training.finetune import (
     encoder_stages,
     extend_classes,
     finetune,
+    freezer,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "selfreg_home")
@@ -80,9 +81,23 @@ def test_finetune_on_a_few_corrected_slices_helps_the_untouched_ones(mislabellin
     untouched[touched] = False
     before = dice(pred[untouched], truth[untouched], 3)
     config = FinetuneConfig(iterations=30, seconds_budget=60, precision="fp32")
-    new = finetune(mislabelling_base, image, corrected, corrected != pred, config, tmp_path / "ft")
+    events = []
+    new = finetune(mislabelling_base, image, corrected, corrected != pred, config, tmp_path / "ft",
+                   callback=events.append)  # fmt: skip
     after = dice(segment(new, image)[untouched], truth[untouched], 3)
     assert after >= before + 0.05, (before, after)
+    # validation = the fit to the reviewed slices: every 6 steps, for the widget's curve
+    validations = [e for e in events if e.kind == "validation"]
+    assert [e.iteration for e in validations] == [6, 12, 18, 24, 30]
+    assert validations[-1].dice["class 3"] > validations[0].dice["class 3"]
+    metrics = load_model(new).card.metrics
+    assert metrics["val_cases"] == ["corrected (reviewed voxels)"]
+    reviewed = np.zeros(SHAPE, bool)
+    reviewed[touched] = True
+    final = segment(new, image)
+    assert metrics["dice"]["class 3"] == pytest.approx(
+        dice(final[reviewed], truth[reviewed], 3), abs=1e-4
+    )
 
 
 def test_finetune_writes_a_new_version_and_leaves_the_base_alone(tmp_path):
@@ -159,6 +174,31 @@ def test_freeze_encoder_and_stages(tmp_path):
                 assert not same, (freeze, key)
     with pytest.raises(ValueError, match="out of range"):
         finetune(base, image, labels, config=FinetuneConfig(iterations=1, freeze="stage:9"))
+
+
+def test_frozen_batchnorm_uses_its_running_statistics_in_training():
+    torch.manual_seed(0)
+    net = models.build("unet3d", 1, 3, channels=(4, 8, 16))
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+    freezer("encoder", (16, 16, 16))(net)
+    x = torch.randn(2, 1, 16, 16, 16)
+    net.eval()
+    with torch.no_grad():
+        deployed = net.forward_features(x)[1]
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    trained = net.forward_features(x)[1]
+    # the frozen encoder computes what the deployed model computes; the decoder does not
+    assert torch.allclose(trained["bottleneck"], deployed["bottleneck"], atol=1e-6)
+    assert not torch.allclose(trained["final"], deployed["final"], atol=1e-3)
+    after = net.state_dict()
+    for key in before:
+        if key.startswith(("stem.", "down.")):
+            assert torch.equal(before[key], after[key]), key
 
 
 def test_correction_weights_follow_the_edited_slices():

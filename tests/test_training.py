@@ -203,7 +203,7 @@ def test_train_writes_a_model_that_the_predictor_uses(tmp_path):
     assert card.training["split"] == make_split(cases, 0.2, seed=0)  # saved with the model
     assert card.training["data"]["cases"] == 2
     assert set(card.metrics["dice"]) == {"background", "class 1", "class 2"}
-    assert card.metrics["validation"] == "whole validation volumes"
+    assert card.metrics["validation"] == "whole volumes through the predictor"
     labels = Predictor(bundle, device="cpu").segment(cases[0].raw).labels
     assert labels.shape == cases[0].shape
     assert (checkpoint_dir(out) / "last" / "optimizer.safetensors").is_file()

@@ -74,6 +74,9 @@ def test_finetune_two_iterations_lists_the_new_model(qtbot, segmented, phantom, 
     before[0, 0, 0] = 2
     np.testing.assert_array_equal(labels.data, before)  # the user's layer is untouched
     assert finetune.curves.loss, "the loss curve stayed empty"
+    # validation every iterations // 5 steps (here: both), Dice on the reviewed voxels
+    assert [i for i, _ in finetune.curves.dice][:2] == [1, 2], finetune.curves.dice
+    assert all(0 <= d <= 1 for _, d in finetune.curves.dice)
     assert finetune.segment_button.isEnabled()
 
     with qtbot.waitSignal(segment.segmented, timeout=WAIT_MS) as blocker:

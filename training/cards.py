@@ -98,7 +98,7 @@ class CardMixin:
             out.update(
                 dice=metrics.named(dice, self.class_names),
                 mean_dice=round(metrics.mean_foreground(dice), 5),
-                validation="whole validation volumes",
+                validation="whole volumes through the predictor",
                 val_cases=[c.name for c in self.val_cases],
             )
         return out

@@ -55,13 +55,14 @@ def segment_cases(
     precision: Any,
     axis: int = 0,
 ) -> np.ndarray:
-    """Summed ``(3, K)`` Dice counts of ``network`` over whole cases (raw images)."""
+    """Summed ``(3, K)`` Dice counts of ``network`` over whole cases (raw images);
+    voxels a case weighs 0 are not counted."""
     was_training = network.training
     total = np.zeros((3, card.num_classes))
     for case in cases:
         image = case.raw if case.raw is not None else case.image[0]
         pred = predict_volume(network, card, image, device, precision, axis=axis)
-        total += metrics.volume_dice(pred, case.labels, card.num_classes)["counts"]
+        total += metrics.volume_dice(pred, case.labels, card.num_classes, case.weight)["counts"]
     network.train(was_training)
     return total
 
@@ -84,7 +85,8 @@ class PatchValidation:
         if cases and config.val_patches > 0:
             sampler = PatchSampler(
                 cases, config.patch_size, spatial_dims, slice_axis=config.slice_axis,
-                fg_fraction=0.5, rng=np.random.default_rng([config.seed, 7919]),
+                fg_fraction=0.5, focus_fraction=config.focus_fraction,
+                rng=np.random.default_rng([config.seed, 7919]),
             )  # fmt: skip
             patches = [sampler.sample(1) for _ in range(config.val_patches)]
             self.patches = patches[rank::world_size]

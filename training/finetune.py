@@ -12,6 +12,7 @@ base model's files are never touched.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import tempfile
 from collections.abc import Callable, Generator
@@ -27,7 +28,7 @@ from napari_selfreg.jobs import drain
 from napari_selfreg.modelfile import ModelBundle, load_model, user_models_dir
 
 from .config import FinetuneConfig, LabelError, TrainConfig, TrainEvent, TrainingError
-from .datasets import case_from_arrays, check_labels
+from .datasets import Case, case_from_arrays, check_labels
 from .loop import Trainer, check_classes
 
 
@@ -107,8 +108,10 @@ def freezer(freeze: str, patch_size: tuple[int, ...]) -> Callable[[nn.Module], N
     """A ``configure`` hook for :class:`Trainer` that freezes encoder stages.
 
     ``encoder`` freezes stem to bottleneck; ``stage:k`` freezes stages ``0..k-1``
-    (the stem is stage 0) and trains the rest. Normalisation layers inside frozen
-    stages keep their running statistics.
+    (the stem is stage 0) and trains the rest. BatchNorm layers inside frozen
+    stages normalise with their running statistics, in training as at inference,
+    and do not update them: a frozen stage computes exactly what the deployed model
+    computes, so the trained stages adapt to the features they will see.
     """
     if freeze == "none":
         return None
@@ -139,9 +142,14 @@ def freezer(freeze: str, patch_size: tuple[int, ...]) -> Callable[[nn.Module], N
                 and own
                 and all(id(p) in frozen for p in own)
             ):
-                module.momentum = 0.0  # keep running statistics as they are
+                module.register_forward_pre_hook(_use_running_statistics)
 
     return configure
+
+
+def _use_running_statistics(module: nn.Module, _inputs) -> None:
+    """Forward pre-hook of a frozen BatchNorm: evaluation mode whatever ``train()`` set."""
+    module.training = False
 
 
 def edit_axis(changed: np.ndarray, max_fraction: float = 0.5) -> int | None:
@@ -179,6 +187,16 @@ def correction_weights(
         weight[tuple(index)] = max(1.0, uncorrected_weight)
     weight[changed] = corrected_weight
     return weight
+
+
+def reviewed_case(case: Case) -> Case:
+    """The fine-tuning case restricted to the voxels the user reviewed (weight >= 1).
+
+    Fine-tuning has no held-out data: its validation Dice (the live curve, the best
+    checkpoint, the card) is the fit to the corrected and reviewed voxels.
+    """
+    reviewed = (case.weight >= 1).astype(np.float32)
+    return dataclasses.replace(case, name=f"{case.name} (reviewed voxels)", weight=reviewed)
 
 
 def _changed_against_prediction(
@@ -289,7 +307,7 @@ def iter_finetune(
         focus_fraction=cfg.focus_fraction,
         augment=cfg.augment,
         val_fraction=0.0,
-        val_every=cfg.iterations,
+        val_every=max(1, cfg.iterations // 5),
         patience=0,
         seed=cfg.seed,
         normalization=card.normalization,
@@ -313,6 +331,7 @@ def iter_finetune(
         configure=freezer(cfg.freeze, probe),
         new_version=True,
         extra_training={"finetune": {**_asdict(cfg), "corrected_voxels": int(changed.sum())}},
+        validation_cases=[reviewed_case(case)],
     )
     try:
         return (yield from trainer.run())
@@ -334,8 +353,6 @@ def finetune(
 
 
 def _asdict(cfg: FinetuneConfig) -> dict[str, Any]:
-    import dataclasses
-
     data = dataclasses.asdict(cfg)
     if cfg.patch_size is not None:
         data["patch_size"] = list(cfg.patch_size)

@@ -100,6 +100,9 @@ class Trainer(CardMixin):
         configure: called with the network before the optimiser is built (freezing).
         new_version: write ``OUT-v2`` ... when ``out`` exists.
         extra_training: more entries for the card's ``training`` record.
+        validation_cases: validate on these instead of the split's validation cases
+            (fine-tuning: the voxels the user reviewed; a case's weight 0 leaves a voxel
+            out of the Dice).
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class Trainer(CardMixin):
         configure: Callable[[nn.Module], None] | None = None,
         new_version: bool = False,
         extra_training: dict[str, Any] | None = None,
+        validation_cases: list[Case] | None = None,
     ):
         if not cases:
             raise TrainingError("no training data")
@@ -130,6 +134,7 @@ class Trainer(CardMixin):
         self.configure = configure
         self.new_version = new_version
         self.extra_training = extra_training or {}
+        self.validation_cases = validation_cases
         if self.out.exists() and not new_version:
             raise TrainingError(
                 f"model {self.out} exists; models are never overwritten - choose another --out"
@@ -176,6 +181,8 @@ class Trainer(CardMixin):
         if not self.resume:
             self.split = cfg.split or make_split(self.cases, cfg.val_fraction, cfg.seed)
         self.train_cases, self.val_cases = apply_split(self.cases, self.split)
+        if self.validation_cases is not None:
+            self.val_cases = list(self.validation_cases)
         # network
         in_channels = int(self.cases[0].image.shape[0])
         if resumed is not None:
@@ -184,7 +191,12 @@ class Trainer(CardMixin):
             net = self.network
         else:
             torch.manual_seed(cfg.seed)
-            net = models.build(cfg.arch, in_channels, self.num_classes, **cfg.arch_options)
+            try:
+                net = models.build(cfg.arch, in_channels, self.num_classes, **cfg.arch_options)
+            except (TypeError, ValueError, AssertionError) as err:
+                raise TrainingError(
+                    f"cannot build {cfg.arch} with options {cfg.arch_options}: {err}"
+                ) from err
         if net.in_channels != in_channels:
             raise TrainingError(
                 f"the model takes {net.in_channels} image channel(s), the data has {in_channels}"

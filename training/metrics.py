@@ -50,7 +50,14 @@ def named(dice: list[float | None], class_names: list[str]) -> dict[str, float |
     return {name: (None if d is None else round(d, 5)) for name, d in zip(class_names, dice)}  # noqa: B905
 
 
-def volume_dice(pred: np.ndarray, target: np.ndarray, num_classes: int) -> dict[str, Any]:
-    """Dice per class of two label volumes (numpy), via :func:`dice_counts`."""
-    counts = dice_counts(torch.as_tensor(pred), torch.as_tensor(target), num_classes)
+def volume_dice(
+    pred: np.ndarray, target: np.ndarray, num_classes: int, weight: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Dice per class of two label volumes (numpy), via :func:`dice_counts` (weight 0: not counted)."""
+    counts = dice_counts(
+        torch.as_tensor(pred),
+        torch.as_tensor(target),
+        num_classes,
+        None if weight is None else torch.as_tensor(weight),
+    )
     return {"counts": counts.numpy(), "dice": dice_from_counts(counts)}

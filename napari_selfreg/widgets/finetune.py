@@ -4,7 +4,7 @@ The user picks the image and the labels they corrected. The widget knows which
 voxels changed since the prediction (Segment keeps the predicted labels in the
 Labels layer's metadata), passes *copies* of image, labels and the changed mask to
 the training code (the user's layer is never modified), draws the loss and the
-validation Dice live, and announces the new model version so Segment lists it.
+Dice on the reviewed voxels live, and announces the new model version so Segment lists it.
 "Segment with new model" re-segments the image with it in one click.
 """
 
@@ -57,7 +57,7 @@ def finetune_job(
 
 
 class _Curves(QWidget):
-    """Live loss (left axis, raw and smoothed) and validation Dice (right axis) per iteration."""
+    """Live loss (left axis, raw and smoothed) and Dice on the reviewed voxels (right axis) per iteration."""
 
     SMOOTH = 0.8  # weight of the past in the exponential moving average of the loss
 
@@ -80,14 +80,14 @@ class _Curves(QWidget):
                 spine.set_color(grid)
         self.loss_ax.set_xlabel("iteration", color=fg, fontsize=8)
         self.loss_ax.set_ylabel("loss", color="#f58231", fontsize=8)
-        self.dice_ax.set_ylabel("val Dice (foreground)", color="#3cb44b", fontsize=8)
+        self.dice_ax.set_ylabel("Dice on reviewed voxels", color="#3cb44b", fontsize=8)
         self.dice_ax.set_ylim(0, 1)
         self.loss_ax.grid(True, color=grid, lw=0.5)
         self.loss_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         (self.raw_line,) = self.loss_ax.plot([], [], color="#f58231", lw=0.7, alpha=0.35)
         (self.loss_line,) = self.loss_ax.plot([], [], color="#f58231", lw=1.6, label="loss")
         (self.dice_line,) = self.dice_ax.plot(
-            [], [], "o-", color="#3cb44b", lw=1.4, ms=4, label="val Dice"
+            [], [], "o-", color="#3cb44b", lw=1.4, ms=4, label="Dice, reviewed voxels"
         )
         self.figure.tight_layout(pad=0.6)
         box = QVBoxLayout(self)
@@ -354,7 +354,7 @@ class FinetuneWidget(QWidget):
         parent = Path(card.parent).name if card.parent else "?"
         text = f"Saved {card.name} (fine-tuned from {parent})"
         if score is not None:
-            text += f", validation Dice {score:.3f}"
+            text += f", Dice {score:.3f} on the reviewed voxels"
         self.result_line.setText(text + ". Segment lists it now.")
         self.result_line.setToolTip(str(self.new_model))
         self.segment_button.setEnabled(True)
