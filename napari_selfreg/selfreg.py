@@ -6,6 +6,7 @@ or 3D ``(B, C, D, H, W)`` tensors of any size and compute in float32.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -20,18 +21,70 @@ def scr_loss(
 ) -> torch.Tensor:
     """Semantic consistency regularisation of one student block.
 
-    The teacher is detached and average-pooled to the student's spatial size;
-    ``K = min(C_S, C_T)`` distinct channels are drawn at random on each side
-    (from ``generator`` when given) and paired; the result is the mean squared
-    difference over batch, pairs and voxels.
+    The teacher is detached and average-pooled to the student's spatial size
+    (a teacher already of that size is used as it is: :func:`selfreg_loss` pools
+    once per size); ``K = min(C_S, C_T)`` distinct channels are drawn at random on
+    each side (from ``generator`` when given) and paired; the result is the mean
+    squared difference over batch, pairs and voxels.
     """
-    spatial = student.shape[2:]
-    pool = F.adaptive_avg_pool2d if student.ndim == 4 else F.adaptive_avg_pool3d
-    pooled = pool(teacher.detach().float(), spatial)
+    pooled = pool_to(teacher.detach().float(), student.shape[2:])
     k = min(student.shape[1], teacher.shape[1])
     a = torch.randperm(student.shape[1], generator=generator)[:k].to(student.device)
     b = torch.randperm(teacher.shape[1], generator=generator)[:k].to(student.device)
-    return (student.float()[:, a] - pooled[:, b]).pow(2).mean()
+    picked = channels_innermost(student).float() @ one_hot_columns(a, student.shape[1], pooled)
+    return (picked - channels_innermost(pooled).index_select(-1, b)).pow(2).mean()
+
+
+def channels_innermost(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *S)`` as the view ``(B, *S, C)``: contiguous for channels-last tensors, so
+    channel gathers read rows and their gradients come back channels-last, in the
+    layout of the network's own gradients (mixed layouts made backward 30% slower)."""
+    return x.movedim(1, -1)
+
+
+def one_hot_columns(index: torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
+    """``(n, len(index))`` float32 matrix with column ``j`` = unit vector ``index[j]``.
+
+    ``x @ one_hot_columns(i, C, x)`` equals ``x[..., i]`` exactly; as a product its
+    gradient is a product again (no scatter) and keeps ``x``'s layout.
+    """
+    eye = torch.zeros(n, index.numel(), dtype=torch.float32, device=like.device)
+    eye[index.to(like.device), torch.arange(index.numel(), device=like.device)] = 1.0
+    return eye
+
+
+def pool_to(x: torch.Tensor, size) -> torch.Tensor:
+    """Adaptive average pooling of ``(B, C, *S)`` to ``size`` (``x`` itself when equal)."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    pool = F.adaptive_avg_pool2d if x.ndim == 4 else F.adaptive_avg_pool3d
+    return pool(x, tuple(size))
+
+
+def pooled_teachers(teacher: torch.Tensor, sizes) -> dict[tuple[int, ...], torch.Tensor]:
+    """The detached float32 teacher average-pooled to each spatial size in ``sizes``.
+
+    Largest size first. When the teacher's size is a multiple of a size already
+    pooled and that is a multiple of the next, the next is pooled from the smaller
+    tensor: means of equal blocks of equal blocks are block means, so the result
+    equals pooling the full teacher, at a fraction of the memory traffic.
+    """
+    base = teacher.detach().float()
+
+    def divides(big, small) -> bool:
+        return all(b % s == 0 for b, s in zip(big, small, strict=True))
+
+    done: dict[tuple[int, ...], torch.Tensor] = {}
+    for size in sorted(
+        {tuple(int(s) for s in size) for size in sizes}, key=lambda s: -math.prod(s)
+    ):
+        source = base
+        for have, pooled in done.items():  # the smallest exact intermediate so far
+            exact = divides(base.shape[2:], have) and divides(have, size)
+            if exact and math.prod(have) < math.prod(source.shape[2:]):
+                source = pooled
+        done[size] = pool_to(source, size)
+    return done
 
 
 def ifd_loss(feature: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -41,16 +94,21 @@ def ifd_loss(feature: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     sorted (descending, no gradient through the order) and the top half is
     pulled towards the bottom half: ``mean((top - bottom)^2)``.
     """
-    feature = feature.float()
     c = feature.shape[1]
     if c < 2:
-        return feature.new_zeros(())
-    flat = feature.flatten(2)
-    scores = F.normalize(flat, dim=2, eps=eps).mean(dim=(0, 2))
-    order = torch.argsort(scores.detach(), descending=True)
+        return feature.new_zeros((), dtype=torch.float32)
+    x = channels_innermost(feature)
+    spatial = tuple(range(1, x.ndim - 1))
+    with torch.no_grad():  # N * mean(x / max(|x|, eps)) = sum(x) / max(|x|, eps)
+        norms = torch.linalg.vector_norm(x, dim=spatial, dtype=torch.float32).clamp_min(eps)
+        scores = (x.sum(spatial, dtype=torch.float32) / norms).mean(0)
+        order = torch.argsort(scores, descending=True)
     half = c // 2
-    ordered = feature[:, order]
-    return (ordered[:, :half] - ordered[:, half : 2 * half]).pow(2).mean()
+    x = x.float()
+    difference = one_hot_columns(order[:half], c, x) - one_hot_columns(
+        order[half : 2 * half], c, x
+    )
+    return (x @ difference).pow(2).mean()
 
 
 def default_groups(names: list[str]) -> dict[str, tuple[str | None, str | None]]:
@@ -98,6 +156,12 @@ def selfreg_loss(
     terms: dict[str, torch.Tensor] = {}
     ifd_groups: dict[str, list[torch.Tensor]] = {}
     scr_groups: dict[str, list[torch.Tensor]] = {}
+    scr_sizes = [
+        f.shape[2:]
+        for name, f in features.items()
+        if name != TEACHER and groups.get(name, (None, None))[1] is not None
+    ]
+    pooled = pooled_teachers(teacher, scr_sizes)
     for name, feature in features.items():
         if name == TEACHER:
             continue
@@ -106,7 +170,8 @@ def selfreg_loss(
             terms[f"ifd/{name}"] = ifd_loss(feature)
             ifd_groups.setdefault(ifd_group, []).append(terms[f"ifd/{name}"])
         if scr_group is not None:
-            terms[f"scr/{name}"] = scr_loss(feature, teacher, generator)
+            target = pooled.get(tuple(feature.shape[2:]), teacher)
+            terms[f"scr/{name}"] = scr_loss(feature, target, generator)
             scr_groups.setdefault(scr_group, []).append(terms[f"scr/{name}"])
     zero = teacher.new_zeros((), dtype=torch.float32)
     scr = sum((torch.stack(v).mean() for v in scr_groups.values()), zero)

@@ -9,6 +9,7 @@ from napari_selfreg.selfreg import (
     SegmentationLoss,
     SelfRegLoss,
     ifd_loss,
+    pooled_teachers,
     scr_loss,
     selfreg_loss,
 )
@@ -147,6 +148,19 @@ def test_selfreg_loss_groups_like_official_code():
     # default groups follow the same naming convention
     total_default, _ = selfreg_loss(feats, 0.015, 0.02, torch.Generator().manual_seed(3))
     assert total_default.item() == pytest.approx(total.item(), rel=1e-6)
+
+
+def test_pooled_teachers_equal_pooling_the_full_teacher():
+    """Sizes pooled from an intermediate (12x8x8 -> 6x4x4 -> 3x2x2) or, when no exact
+    intermediate exists (5x3x3), from the teacher itself."""
+    teacher = torch.randn(2, 3, 12, 8, 8, requires_grad=True).to(torch.bfloat16)
+    sizes = [(6, 4, 4), (3, 2, 2), (5, 3, 3), (6, 4, 4), (12, 8, 8)]
+    pooled = pooled_teachers(teacher, sizes)
+    assert sorted(pooled) == sorted(set(sizes))
+    for size, value in pooled.items():
+        direct = torch.nn.functional.adaptive_avg_pool3d(teacher.detach().float(), size)
+        assert value.dtype == torch.float32 and not value.requires_grad
+        assert torch.allclose(value, direct, atol=1e-6), size
 
 
 def test_selfreg_loss_needs_teacher():
