@@ -357,8 +357,9 @@ def _prepare(bundle, image, region, spacing):
         sp = np.asarray(spacing, float)[-len(card.spacing) :]
         if not np.allclose(sp, card.spacing, rtol=0.25):
             notes.append(
-                f"image spacing {tuple(np.round(sp, 2))} differs from the model's "
-                f"{tuple(card.spacing)}; features may be off"
+                f"image spacing {' x '.join(f'{v:g}' for v in np.round(sp, 2))} differs "
+                f"from the model's {' x '.join(f'{float(v):g}' for v in card.spacing)}; "
+                "features may be off"
             )
     return image, region, shape, squeeze, notes
 

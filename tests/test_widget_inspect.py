@@ -8,7 +8,6 @@ import torch
 
 from napari_selfreg import analysis, models
 from napari_selfreg.modelfile import ModelCard, save_model
-from napari_selfreg.widgets import inspect as inspect_mod
 from napari_selfreg.widgets.inspect import CENTRED, InspectWidget
 
 pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_torch_thread")]
@@ -39,29 +38,25 @@ def _save(name, dims=3, seed=0):
 
 
 @pytest.fixture
-def env(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+def env(make_napari_viewer, qtbot, tmp_path, monkeypatch, messages):
     """A viewer, the widget, a tiny saved model, and the messages the widget shows."""
     monkeypatch.setenv("NAPARI_SELFREG_HOME", str(tmp_path))
     analysis.clear_cache()
     path = _save("tiny")
-    messages = []
-    for kind in ("show_error", "show_warning", "show_info"):
-        monkeypatch.setattr(
-            inspect_mod, kind, lambda text, kind=kind: messages.append((kind, str(text)))
-        )
     viewer = make_napari_viewer()
     widget = InspectWidget(viewer)
     qtbot.addWidget(widget)
-    widget.model_combo.setCurrentIndex(widget.model_combo.findData(str(path)))
+    widget.model_picker.select(path)
     qtbot.waitUntil(lambda: widget.block_combo.count() > 0, timeout=20000)
     yield viewer, widget, messages
-    if widget._worker is not None:
+    if widget.job.busy:
         widget.cancel()
-        qtbot.waitUntil(lambda: widget._worker is None, timeout=20000)
+        _wait_done(qtbot, widget)
+    qtbot.waitUntil(lambda: not widget._loaders, timeout=20000)
 
 
 def _wait_done(qtbot, widget):
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=30000)
+    qtbot.waitUntil(lambda: not widget.job.busy, timeout=30000)
 
 
 def _slow_stats(monkeypatch, seconds=0.3):
@@ -76,42 +71,49 @@ def _slow_stats(monkeypatch, seconds=0.3):
 
 def test_no_image_layer_and_broken_model_are_clear_errors(env, qtbot, tmp_path):
     viewer, widget, messages = env
-    widget.run()
-    assert messages == [("show_error", "Add an image layer first: there is nothing to inspect.")]
-    assert widget._worker is None and widget.run_button.isEnabled()
+    assert widget.run() is None
+    assert messages == [("error", "Add an image layer first: there is nothing to inspect.")]
+    assert not widget.job.busy and widget.run_button.isEnabled()
     assert "image layer" in widget.status.text()
-    broken = tmp_path / "models" / "broken"
-    broken.mkdir()
-    (broken / "model.json").write_text("{not json")
+    not_json = tmp_path / "elsewhere" / "not-json"
+    not_json.mkdir(parents=True)
+    (not_json / "model.json").write_text("{not json")
+    widget.add_model(not_json)  # refused at once: no card
+    assert messages[1][0] == "error" and "not valid JSON" in messages[1][1]
+    assert widget.model_picker.combo.currentText() == "tiny"
+    broken = tmp_path / "elsewhere" / "broken"  # a valid card, weights cut short
+    save_model_path = _save("broken")
+    save_model_path.rename(broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
     widget.add_model(broken)
-    qtbot.waitUntil(lambda: len(messages) == 2, timeout=20000)
-    assert messages[1][0] == "show_error" and "cannot load model broken" in messages[1][1]
-    assert "not valid JSON" in messages[1][1]
+    qtbot.waitUntil(lambda: len(messages) == 3, timeout=20000)
+    assert messages[2][0] == "error" and "cannot load model broken" in messages[2][1]
     viewer.add_image(np.zeros((8, 8, 8), np.float32), name="vol")
-    widget.run()  # the chosen model failed to load: the same message again, no job
-    assert messages[2] == messages[1] and widget._worker is None
+    assert widget.run() is None  # the chosen model failed to load: the same message again
+    assert messages[3] == messages[2] and not widget.job.busy
 
 
 def test_bad_images_are_refused(env):
     viewer, widget, messages = env
-    viewer.add_image(np.zeros((20, 20, 3), np.uint8), rgb=True, name="photo")
-    widget.image_combo.setCurrentIndex(widget.image_combo.findData("photo"))
-    widget.run()
-    viewer.add_image(np.zeros((20, 20), np.float32), name="flat")
-    widget.image_combo.setCurrentIndex(widget.image_combo.findData("flat"))
-    widget.run()
-    assert [k for k, _ in messages] == ["show_error", "show_error"]
+    photo = viewer.add_image(np.zeros((20, 20, 3), np.uint8), rgb=True, name="photo")
+    widget.image_picker.set_layer(photo)
+    assert widget.run() is None
+    flat = viewer.add_image(np.zeros((20, 20), np.float32), name="flat")
+    widget.image_picker.set_layer(flat)
+    assert widget.run() is None
+    assert [k for k, _ in messages] == ["error", "error"]
     assert "RGB image 'photo'" in messages[0][1]
     assert "is 3D and image 'flat' is 2D" in messages[1][1]
-    assert widget._worker is None and len(viewer.layers) == 2
+    assert not widget.job.busy and len(viewer.layers) == 2
 
 
 def test_run_adds_aligned_layers_and_plots(env, qtbot):
     viewer, widget, messages = env
     image = viewer.add_image(_image((20, 24, 22)), name="ct", scale=(2.0, 1.0, 0.5),
                              translate=(5.0, -3.0, 1.0))  # fmt: skip
-    widget.image_combo.setCurrentIndex(widget.image_combo.findData("ct"))
-    assert widget.model_combo.currentText() == "tiny"
+    widget.image_picker.set_layer(image)
+    assert widget.model_picker.combo.currentText() == "tiny"
     assert [widget.block_combo.itemText(i) for i in range(widget.block_combo.count())] == [
         "stem", "enc1", "bottleneck", "dec1", "final"]  # fmt: skip
     widget.block_combo.setCurrentText("enc1")
@@ -121,11 +123,11 @@ def test_run_adds_aligned_layers_and_plots(env, qtbot):
 
     widget.run_button.click()
     assert not widget.run_button.isEnabled()
-    widget.run()  # pressing Run twice does nothing harmful
-    assert ("show_info", "the inspector is already running") in messages
+    assert widget.run() is None  # pressing Run twice does nothing harmful
+    assert messages[-1][0] == "warning" and "already running" in messages[-1][1]
     _wait_done(qtbot, widget)
-    assert widget.run_button.isEnabled()
-    assert not [m for m in messages if m[0] == "show_error"], messages
+    assert widget.run_button.isEnabled() and widget.job.outcome == "returned"
+    assert not [m for m in messages if m[0] == "error"], messages
 
     names = [layer.name for layer in viewer.layers]
     channels = [n for n in names if n.startswith("features/tiny/enc1/ch")]
@@ -162,12 +164,13 @@ def test_cancel_stops_the_job_and_adds_nothing(env, qtbot, monkeypatch):
     viewer.add_image(_image((16, 16, 16)), name="vol")
     _slow_stats(monkeypatch)
     widget.run()
-    qtbot.waitUntil(lambda: widget.progress.value() >= 1, timeout=20000)
-    widget.cancel_button.click()
+    qtbot.waitUntil(lambda: widget.job.progress.value() >= 1, timeout=20000)
+    widget.job.cancel_button.click()
     _wait_done(qtbot, widget)
-    assert widget.status.text() == "cancelled; nothing was added"
+    assert widget.status.text() == "The feature inspection was cancelled; nothing was added."
+    assert widget.job.outcome == "cancelled"
     assert [layer.name for layer in viewer.layers] == ["vol"]
-    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert widget.run_button.isEnabled() and not widget.job.cancel_button.isEnabled()
 
 
 def test_closing_the_image_while_running_loses_nothing(env, qtbot, monkeypatch):
@@ -175,10 +178,11 @@ def test_closing_the_image_while_running_loses_nothing(env, qtbot, monkeypatch):
     viewer.add_image(_image((16, 16, 16)), name="vol", scale=(3, 1, 1))
     _slow_stats(monkeypatch, 0.1)
     widget.run()
-    qtbot.waitUntil(lambda: widget.progress.value() >= 1, timeout=20000)
+    qtbot.waitUntil(lambda: widget.job.progress.value() >= 1, timeout=20000)
     viewer.layers.remove("vol")
     _wait_done(qtbot, widget)
-    assert not [m for m in messages if m[0] == "show_error"], messages
+    assert widget.job.outcome == "returned"
+    assert not [m for m in messages if m[0] == "error"], messages
     pca = viewer.layers["features/tiny/bottleneck/PCA"]
     np.testing.assert_allclose(pca.scale, [12, 4, 4])  # still aligned with the removed image
 
@@ -196,7 +200,7 @@ def test_compare_two_models_on_a_box(env, qtbot):
     widget.class_combo.setCurrentText("off")
     widget.run()
     _wait_done(qtbot, widget)
-    assert not [m for m in messages if m[0] == "show_error"], messages
+    assert not [m for m in messages if m[0] == "error"], messages
     a = viewer.layers["features/tiny/final/PCA"]
     b = viewer.layers["features/other/final/PCA"]
     # the rectangle (rows 8..27, columns 4..20) on slice 6, as a slab of the default patch

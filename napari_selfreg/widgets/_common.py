@@ -6,8 +6,9 @@ Public API, kept small on purpose (Segment, Fine-tune and Inspect features use i
   (``napari.layers.Image`` or ``Labels``) that follows additions, removals and renames.
   ``.layer()`` is the chosen layer or None; ``.set_layer(layer)`` selects one;
   ``.changed`` (``Signal()``) fires when the choice changes.
-- ``ModelPicker()``: the bundled and user models (``modelfile.list_models``) plus a
-  "Load…" button for a model folder. ``.model_path()`` is the chosen folder or None;
+- ``ModelPicker(none_label=None)``: the bundled and user models (``modelfile.list_models``)
+  plus a "Load…" button for a model folder; with ``none_label`` a first entry means
+  "no model". ``.model_path()`` is the chosen folder or None;
   ``.select(path)`` adds and selects a folder; ``.refresh()`` re-scans. Every picker
   re-scans when any widget calls ``announce_model(path)`` after saving a model.
 - ``announce_model(path)``: tell every ``ModelPicker`` that a new model folder exists.
@@ -220,12 +221,17 @@ def announce_model(path: str | Path) -> None:
 
 
 class ModelPicker(QWidget):
-    """Bundled and user models in a combo box, plus "Load…" for any model folder."""
+    """Bundled and user models in a combo box, plus "Load…" for any model folder.
+
+    With ``none_label`` the first entry is that label and means "no model" (an
+    optional second model).
+    """
 
     changed = Signal()
 
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, parent: QWidget | None = None, none_label: str | None = None) -> None:
         super().__init__(parent)
+        self._none_label = none_label
         self.combo = QComboBox()
         self.combo.setSizeAdjustPolicy(
             QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
@@ -250,12 +256,21 @@ class ModelPicker(QWidget):
 
     def model_paths(self) -> list[Path]:
         """All listed model folders, in list order."""
-        return [Path(self.combo.itemData(i)) for i in range(self.combo.count())]
+        items = [self.combo.itemData(i) for i in range(self.combo.count())]
+        return [Path(item) for item in items if item]
 
     def select(self, path: str | Path) -> None:
-        """Add ``path`` to the list if needed and select it."""
+        """Add ``path`` to the list if needed and select it; a folder without a valid
+        model card is refused with a message."""
+        from ..modelfile import read_card
+
         path = Path(path)
         if path not in self.model_paths() and path not in self._extra:
+            try:
+                read_card(path)
+            except ValueError as err:
+                user_error(str(err))
+                return
             self._extra.append(path)
         self.refresh(select=path)
 
@@ -279,6 +294,10 @@ class ModelPicker(QWidget):
             entries.append((f"{card.name} (file)", folder, _card_tooltip(card, folder)))
         self.combo.blockSignals(True)
         self.combo.clear()
+        first = 0
+        if self._none_label is not None:
+            self.combo.addItem(self._none_label, None)
+            first = 1
         for label, folder, tip in entries:
             self.combo.addItem(label, str(folder))
             self.combo.setItemData(self.combo.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
@@ -287,7 +306,10 @@ class ModelPicker(QWidget):
             index = next(
                 (i for i, e in enumerate(entries) if e[1].resolve() == keep.resolve()), -1
             )
-        self.combo.setCurrentIndex(index if index >= 0 else (0 if entries else -1))
+        if index >= 0:
+            self.combo.setCurrentIndex(first + index)
+        else:
+            self.combo.setCurrentIndex(0 if self.combo.count() else -1)
         self.combo.blockSignals(False)
         self.changed.emit()
 
@@ -297,16 +319,8 @@ class ModelPicker(QWidget):
 
     def _browse(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose a model folder")
-        if not folder:
-            return
-        from ..modelfile import read_card
-
-        try:
-            read_card(folder)
-        except ValueError as err:
-            user_error(str(err))
-            return
-        self.select(folder)
+        if folder:
+            self.select(folder)
 
 
 def _card_tooltip(card, folder: Path) -> str:

@@ -8,6 +8,7 @@ matplotlib plots. torch is imported only inside the worker threads.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,15 +17,10 @@ from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.layers import Image, Points, Shapes
 from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info, show_warning
 from napari.utils.transforms import Affine
 from qtpy.QtWidgets import (
     QComboBox,
-    QFileDialog,
     QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -32,12 +28,11 @@ from qtpy.QtWidgets import (
 )
 
 from .. import analysis
-from ..modelfile import BUNDLED_DIR, list_models
+from ._common import JobPanel, LayerPicker, ModelPicker, user_error, warn
 
 if TYPE_CHECKING:
     import napari
 
-LOAD_FILE = "Load file..."
 VISIBLE, CENTRED = "visible region", "centred patch"
 MAX_VOXELS = {2: 1024 * 1024, 3: 128**3}
 BAR_STATS = [
@@ -86,15 +81,14 @@ class InspectWidget(QWidget):
         alive = self._alive = {"widget": True}
         self.destroyed.connect(lambda *_: alive.update(widget=False))
         self._failed: dict[str, str] = {}
-        self._worker = None
         self._results = None
-        self._extra_models: list[str] = []
+        self._target: dict = {}
 
-        self.image_combo = _Combo(self._refresh_layers)
-        self.model_combo = _Combo(self._refresh_models)
-        self.compare_combo = _Combo(self._refresh_models)
+        self.image_picker = LayerPicker(viewer, Image)
+        self.model_picker = ModelPicker()
+        self.compare_picker = ModelPicker(none_label="(none)")
         self.block_combo = QComboBox()
-        self.region_combo = _Combo(self._refresh_layers)
+        self.region_combo = _Combo(self._refresh_regions)
         self.topk_spin = QSpinBox()
         self.topk_spin.setRange(1, 32)
         self.topk_spin.setValue(4)
@@ -104,9 +98,9 @@ class InspectWidget(QWidget):
         self.precision_combo.setToolTip("bf16 is faster on CPUs with AMX/AVX-512 bf16")
 
         form = QFormLayout()
-        form.addRow("image", self.image_combo)
-        form.addRow("model", self.model_combo)
-        form.addRow("compare with", self.compare_combo)
+        form.addRow("image", self.image_picker)
+        form.addRow("model", self.model_picker)
+        form.addRow("compare with", self.compare_picker)
         form.addRow("block", self.block_combo)
         form.addRow("region", self.region_combo)
         form.addRow("top-k channels", self.topk_spin)
@@ -114,15 +108,9 @@ class InspectWidget(QWidget):
         form.addRow("precision", self.precision_combo)
 
         self.run_button = QPushButton("Run")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        self.progress = QProgressBar()
-        self.progress.setTextVisible(True)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.job = JobPanel(viewer)
+        self.job.lock_while_running(self.run_button)
+        self.status = self.job.status  # model loading and refusals are reported there too
 
         self.figure = Figure(figsize=(4.0, 7.0), dpi=100, layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
@@ -130,30 +118,23 @@ class InspectWidget(QWidget):
 
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.progress)
-        layout.addWidget(self.status)
+        layout.addWidget(self.run_button)
+        layout.addWidget(self.job)
         layout.addWidget(self.canvas, stretch=1)
 
         self.run_button.clicked.connect(self.run)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.model_combo.activated.connect(self._on_model_activated)
-        self.compare_combo.activated.connect(self._on_model_activated)
-        self.model_combo.currentIndexChanged.connect(self._on_model_changed)
-        self.compare_combo.currentIndexChanged.connect(self._on_model_changed)
+        self.model_picker.changed.connect(self._on_model_changed)
+        self.compare_picker.changed.connect(self._on_model_changed)
         self.block_combo.currentTextChanged.connect(self._on_block_changed)
-        viewer.layers.events.inserted.connect(self._refresh_layers)
-        viewer.layers.events.removed.connect(self._refresh_layers)
-        self._refresh_layers()
-        self._refresh_models()
+        viewer.layers.events.inserted.connect(self._refresh_regions)
+        viewer.layers.events.removed.connect(self._refresh_regions)
+        self._refresh_regions()
         self._on_model_changed()
 
     # ------------------------------------------------------------ choices
 
-    def _refresh_layers(self, *_):
-        """Fill the image and region combos from the viewer's layers."""
-        images = [ly.name for ly in self.viewer.layers if isinstance(ly, Image)]
-        _set_items(self.image_combo, [(n, n) for n in images])
+    def _refresh_regions(self, *_):
+        """Region choices: the visible region, a centred patch, boxes of Shapes/Points."""
         boxes = [
             (f"box of {ly.name}", ly.name)
             for ly in self.viewer.layers
@@ -161,34 +142,9 @@ class InspectWidget(QWidget):
         ]
         _set_items(self.region_combo, [(VISIBLE, VISIBLE), (CENTRED, CENTRED), *boxes])
 
-    def _refresh_models(self, *_):
-        """Fill the model combos: bundled and user models, loaded files, 'Load file...'."""
-        items = []
-        for name, folder, _card in list_models():
-            label = f"{name} (bundled)" if folder.parent == BUNDLED_DIR else name
-            items.append((label, str(folder)))
-        known = {p for _, p in items}
-        items += [(Path(p).name, p) for p in self._extra_models if p not in known]
-        _set_items(self.model_combo, [*items, (LOAD_FILE, LOAD_FILE)])
-        _set_items(self.compare_combo, [("(none)", None), *items, (LOAD_FILE, LOAD_FILE)])
-
     def add_model(self, path: str | Path, compare: bool = False) -> None:
         """Add a model folder to the choices and select it (model, or second model)."""
-        path = str(Path(path))
-        if path not in self._extra_models:
-            self._extra_models.append(path)
-        self._refresh_models()
-        combo = self.compare_combo if compare else self.model_combo
-        combo.setCurrentIndex(combo.findData(path))
-
-    def _on_model_activated(self, _index: int) -> None:
-        combo = self.sender()
-        if combo.currentData() != LOAD_FILE:
-            return
-        path = QFileDialog.getExistingDirectory(self, "Choose a napari-selfreg model folder")
-        combo.setCurrentIndex(0)
-        if path:
-            self.add_model(path, compare=combo is self.compare_combo)
+        (self.compare_picker if compare else self.model_picker).select(path)
 
     def _on_model_changed(self, *_):
         for path in self._model_paths():
@@ -216,15 +172,16 @@ class InspectWidget(QWidget):
             return
         self._loaders.pop(path, None)
         self._failed[path] = f"cannot load model {Path(path).name}: {err}"
-        self._message(self._failed[path], error=True)
+        self._refuse(self._failed[path])
 
     def _model_paths(self) -> list[str]:
-        paths = [self.model_combo.currentData(), self.compare_combo.currentData()]
-        return [p for p in paths if p not in (None, LOAD_FILE)]
+        paths = [self.model_picker.model_path(), self.compare_picker.model_path()]
+        return [str(p) for p in paths if p is not None]
 
     def _refresh_blocks(self):
         """Blocks and classes of the first model (once loaded)."""
-        bundle = self._bundles.get(self.model_combo.currentData())
+        first = self.model_picker.model_path()
+        bundle = self._bundles.get(str(first)) if first is not None else None
         if bundle is None:
             return
         blocks = [f.name for f in bundle.network.feature_info]
@@ -247,44 +204,46 @@ class InspectWidget(QWidget):
 
     # --------------------------------------------------------------- run
 
-    def _message(self, text: str, error: bool = False) -> None:
+    def _refuse(self, text: str) -> None:
+        """A user error before (or instead of) a job: status line and notification."""
         self.status.setText(text)
-        (show_error if error else show_warning)(text)
+        user_error(text)
 
-    def run(self) -> None:
-        """Start the analysis in a worker thread (does nothing while one runs)."""
-        if self._worker is not None:
-            show_info("the inspector is already running")
-            return
-        layer = self._image_layer()
+    def run(self):
+        """Start the analysis in a worker thread; returns the worker or None."""
+        if self.job.busy:
+            warn("A feature inspection is already running; wait for it or press Cancel.")
+            return None
+        layer = self.image_picker.layer()
         if layer is None:
-            return self._message("Add an image layer first: there is nothing to inspect.", True)
+            return self._refuse("Add an image layer first: there is nothing to inspect.")
         if layer.rgb or layer.multiscale:
             kind = "RGB" if layer.rgb else "multiscale"
-            return self._message(f"{kind} image {layer.name!r} cannot be inspected.", True)
+            return self._refuse(f"{kind} image {layer.name!r} cannot be inspected.")
         if layer.ndim not in (2, 3):
-            return self._message(f"image {layer.name!r} is {layer.ndim}D; use 2D or 3D.", True)
+            return self._refuse(f"image {layer.name!r} is {layer.ndim}D; use 2D or 3D.")
         paths = self._model_paths()
         if not paths:
-            return self._message("Choose a model first.", True)
+            return self._refuse("Choose a model first.")
         failed = [self._failed[p] for p in paths if p in self._failed]
         if failed:
-            return self._message(failed[0], True)
+            return self._refuse(failed[0])
         bundles = [self._bundles.get(p) for p in paths]
         if any(b is None for b in bundles):
-            return self._message("The model is still loading; press Run again in a moment.")
+            self.status.setText("The model is still loading; press Run again in a moment.")
+            return None
         block = self.block_combo.currentText()
         sd = bundles[0].network.spatial_dims
         if sd == 3 and layer.ndim == 2:
-            return self._message(
-                f"model {bundles[0].card.name!r} is 3D and image {layer.name!r} is 2D.", True
+            return self._refuse(
+                f"model {bundles[0].card.name!r} is 3D and image {layer.name!r} is 2D."
             )
         try:
             region, shrunk = self._region(layer, bundles[0])
         except analysis.InspectError as err:
-            return self._message(str(err), True)
+            return self._refuse(str(err))
         if shrunk:
-            show_warning("the region was reduced to keep the computation small")
+            warn("the region was reduced to keep the computation small")
         cam_class = self.class_combo.currentData()
         self._target = {
             "name": layer.name,
@@ -300,51 +259,24 @@ class InspectWidget(QWidget):
             "block": block,
         }
         _import_torch_here()
-        worker = create_worker(
+        job = partial(
             _inspect_job,
-            bundles,
-            layer.data,
-            block,
             region=region,
             spacing=tuple(layer.scale),
             top_k=self.topk_spin.value(),
             cam_class=None if cam_class == "off" else cam_class,
             cam=cam_class != "off",
             precision=self.precision_combo.currentText(),
-            _ignore_errors=True,
         )
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_errored)
-        worker.aborted.connect(lambda: self.status.setText("cancelled; nothing was added"))
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        self.status.setText("running...")
-        worker.start()
+        return self.job.start(
+            job, bundles, layer.data, block,
+            on_return=self._on_returned, watch=[layer], keep_going=True,
+            what="feature inspection",
+        )  # fmt: skip
 
     def cancel(self) -> None:
         """Ask the running job to stop at its next step."""
-        if self._worker is not None:
-            self.status.setText("cancelling...")
-            self._worker.quit()
-
-    def _on_progress(self, event) -> None:
-        self.progress.setMaximum(max(1, event.total))
-        self.progress.setValue(event.done)
-        self.progress.setFormat(f"%p%  {event.message or event.stage}")
-
-    def _on_errored(self, err) -> None:
-        if isinstance(err, ValueError):
-            self._message(str(err), True)
-        else:
-            self._message(f"the inspector failed: {type(err).__name__}: {err}", True)
-
-    def _on_finished(self) -> None:
-        self._worker = None
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        self.job.cancel()
 
     def _on_returned(self, results) -> None:
         self._results = results
@@ -353,23 +285,17 @@ class InspectWidget(QWidget):
         notes = [n for r in results for n in r.features.notes]
         notes += [n for r in results if r.cams for n in r.cams.notes]
         for note in dict.fromkeys(notes):
-            show_warning(note)
+            warn(note)
         self.status.setText("done" + ("; " + "; ".join(dict.fromkeys(notes)) if notes else ""))
 
     def closeEvent(self, event):  # noqa: N802 (Qt name)
         """Stop the job and stop listening to the viewer."""
         self.cancel()
-        self.viewer.layers.events.inserted.disconnect(self._refresh_layers)
-        self.viewer.layers.events.removed.disconnect(self._refresh_layers)
+        self.viewer.layers.events.inserted.disconnect(self._refresh_regions)
+        self.viewer.layers.events.removed.disconnect(self._refresh_regions)
         super().closeEvent(event)
 
     # ------------------------------------------------------------ region
-
-    def _image_layer(self):
-        name = self.image_combo.currentData()
-        if name in self.viewer.layers and isinstance(self.viewer.layers[name], Image):
-            return self.viewer.layers[name]
-        return None
 
     def _region(self, layer, bundle):
         """Region (tuple of slices) for the chosen mode and whether it was shrunk.
