@@ -4,13 +4,13 @@ Run from the repository root (about two minutes on two CPU cores)::
 
     xvfb-run -a .venv/bin/python docs/make_screenshots_inspect.py
 
-Data: the MNI152 2009 T1 template at 2 mm (nilearn's bundled copy). Models: the
-bundled default model when this copy of napari-selfreg has one; otherwise two small
-3D UNets (channels 8-16-32-64) trained here for ``--iterations`` steps on the same
-template's grey/white-matter labels with ``napari_selfreg.training``: one plain
-(lambda_scr = lambda_ifd = 0) and one self-regularised (0.015 each), same seed.
-They are cached in ``--models`` so reruns only redraw. A short run like this shows
-how the inspector looks, not how much SelfReg changes a fully trained network.
+Data: the MNI152 2009 T1 template (nilearn's bundled copy). ``inspect.png`` and
+``inspect_channels.png`` show the bundled default model on the 1 mm template. ``inspect_compare.png``
+compares two small 3D UNets (channels 8-16-32-64) trained here for ``--iterations``
+steps on the 2 mm template's grey/white-matter labels with ``napari_selfreg.training``:
+one plain (lambda_scr = lambda_ifd = 0) and one self-regularised (0.015 each), same
+seed, cached in ``--models`` so reruns only redraw. A short run like this shows what
+SelfReg does to the channels early in training, not in a fully trained network.
 """
 
 from __future__ import annotations
@@ -63,10 +63,18 @@ def train_models(folder: Path, iterations: int) -> list[Path]:
     return paths
 
 
+def close_toasts(viewer) -> None:
+    """Close napari's notification pop-ups (they would cover part of the canvas)."""
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()
+
+
 def wait(app, widget, timeout: float = 600) -> None:
     """Process Qt events until the widget's job (or model loading) is over."""
     end = time.time() + timeout
-    while (widget._worker is not None or widget._loaders) and time.time() < end:
+    while (widget.job.busy or widget._loaders) and time.time() < end:
         app.processEvents()
         time.sleep(0.02)
     for _ in range(20):
@@ -86,63 +94,69 @@ def main() -> None:
     from qtpy.QtWidgets import QApplication
 
     from napari_selfreg.data import load_mni152
-    from napari_selfreg.modelfile import ModelFileError, resolve_model_path
+    from napari_selfreg.modelfile import resolve_model_path
     from napari_selfreg.widgets.inspect import VISIBLE, InspectWidget
 
     torch.set_num_threads(2)
-    try:
-        models = [resolve_model_path(None)]
-        print("using the bundled default model")
-    except ModelFileError:
-        models = train_models(args.models, args.iterations)
-        print("no bundled model: using two briefly trained tiny models")
+    app = QApplication.instance() or QApplication([])
 
-    image, _labels, affine = load_mni152(2)
-    viewer = napari.Viewer(show=True, title="napari-selfreg: Inspect features")
-    viewer.window.set_geometry(0, 0, 1700, 1050)
-    viewer.add_image(image, name="MNI152 T1", scale=np.diag(affine)[:3], colormap="gray")
-    widget = InspectWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Inspect features", area="right")
-    app = QApplication.instance()
-    widget.add_model(models[0])
-    if len(models) > 1:
-        widget.add_model(models[1], compare=True)
-    wait(app, widget)
-    # axial slice near the centre, anterior up, patient's left on the right (radiological)
-    viewer.dims.order = (2, 1, 0)
-    viewer.dims.set_point(2, float(np.diag(affine)[2] * 50))
-    viewer.camera.orientation2d = ("up", "right")
-    viewer.reset_view()
-    widget.region_combo.setCurrentIndex(widget.region_combo.findData(VISIBLE))
-    widget.block_combo.setCurrentText("enc2")
-    widget.class_combo.setCurrentText("white matter")
-    widget.run()
-    wait(app, widget)
-    print(widget.status.text())
+    def open_viewer(models, compare, mm):
+        image, _labels, affine = load_mni152(mm)
+        viewer = napari.Viewer(show=True, title="napari-selfreg: Inspect features")
+        viewer.window.set_geometry(0, 0, 1700, 1050)
+        viewer.add_image(image, name="MNI152 T1", scale=np.diag(affine)[:3], colormap="gray")
+        widget = InspectWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="Inspect features", area="right")
+        widget.add_model(models[0])
+        if compare:
+            widget.add_model(models[1], compare=True)
+        wait(app, widget)
+        # axial slice near the centre, anterior up, patient's left on the right
+        viewer.dims.order = (2, 1, 0)
+        viewer.dims.set_point(2, float(np.diag(affine)[2] * 100 / mm))
+        viewer.camera.orientation2d = ("up", "right")
+        viewer.reset_view()
+        widget.region_combo.setCurrentIndex(widget.region_combo.findData(VISIBLE))
+        return viewer, widget
+
+    def run(widget, block, cam_class, top_k=4):
+        widget.block_combo.setCurrentText(block)
+        widget.class_combo.setCurrentText(cam_class)
+        widget.topk_spin.setValue(top_k)
+        widget.run()
+        wait(app, widget)
+        print(widget.status.text())
+        return widget._results[0].features.model
 
     SHOTS.mkdir(exist_ok=True)
-    name = widget._results[0].features.model
+    # 1. what a user sees first: the bundled default model, Grad-CAM of white matter
+    viewer, widget = open_viewer([resolve_model_path(None)], compare=False, mm=1)
+    name = run(widget, "enc2", "white matter")
     for layer in viewer.layers:
         layer.visible = layer.name == "MNI152 T1" or layer.name.startswith(f"grad-cam/{name}/")
-    viewer.screenshot(path=str(SHOTS / "inspect.png"), canvas_only=False, flash=False)
-
-    # PCA composite and the five strongest channels of a shallower block, side by side
-    widget.block_combo.setCurrentText("enc1")
-    widget.topk_spin.setValue(5)
-    widget.class_combo.setCurrentText("off")
-    widget.run()
+    close_toasts(viewer)
     wait(app, widget)
+    viewer.screenshot(path=str(SHOTS / "inspect.png"), canvas_only=False, flash=False)
+    # 2. its PCA composite and five strongest channels of a shallow block, side by side
+    run(widget, "enc1", "off", top_k=5)
     for layer in viewer.layers:
         layer.visible = layer.name.startswith(f"features/{name}/enc1/")
     viewer.grid.enabled = True
     viewer.grid.shape = (2, 3)
     viewer.reset_view()
-    for _ in range(20):
-        app.processEvents()
-        time.sleep(0.02)
+    wait(app, widget)
     viewer.screenshot(path=str(SHOTS / "inspect_channels.png"), canvas_only=True, flash=False)
-    print("wrote", *sorted(p.name for p in SHOTS.glob("inspect*.png")))
     viewer.close()
+    # 3. plain vs SelfReg, same data, seed and budget: channel similarity per block
+    viewer, widget = open_viewer(train_models(args.models, args.iterations), compare=True, mm=2)
+    name = run(widget, "enc2", "white matter")
+    for layer in viewer.layers:
+        layer.visible = layer.name == "MNI152 T1" or layer.name.startswith(f"grad-cam/{name}/")
+    close_toasts(viewer)
+    wait(app, widget)
+    viewer.screenshot(path=str(SHOTS / "inspect_compare.png"), canvas_only=False, flash=False)
+    viewer.close()
+    print("wrote", *sorted(p.name for p in SHOTS.glob("inspect*.png")))
 
 
 if __name__ == "__main__":
