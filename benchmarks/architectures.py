@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import machine_info  # benchmarks/machine.py
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from napari_selfreg import models
@@ -221,13 +221,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "load_average_at_start": list(os.getloadavg()),
-        },
+        "machine": {**machine_info(), "load_average_at_start": list(os.getloadavg())},
         "architectures": architecture_rows(args.repeats),
     }
     if args.skip_train:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine_info  # benchmarks/machine.py
 
 from napari_selfreg.data import make_phantom, make_phantom_set
 from napari_selfreg.modelfile import load_model
@@ -106,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"default settings: class 3 Dice rises by {rise:+.3f} on untouched slices (target >= 0.05)")  # fmt: skip
     report = {
         "benchmark": "finetune",
-        "machine": platform.processor() or platform.machine(),
-        "threads": args.threads,
-        "torch": torch.__version__,
+        "machine": machine_info(args.threads),
         "shape": list(SHAPE),
         "base_iterations": args.base_iterations,
         "base_seconds": round(base_seconds, 1),

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import shutil
 import statistics
@@ -43,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine_info  # benchmarks/machine.py
 
 from napari_selfreg import models
 from napari_selfreg.device import cpu_bf16_fast
@@ -271,12 +270,7 @@ def main() -> None:
         stream = bench_streaming(bundle, phantom(), args.stream_size, args.threads)
     precision = rows[0]["ours_info"]["precision"]
     report = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "threads": args.threads,
-            "torch": torch.__version__,
-        },  # fmt: skip
+        "machine": machine_info(args.threads),
         "model": note,
         "runs": args.runs,
         "gemm_gflops_per_s": {**gemm, "bf16_after": gemm_after},

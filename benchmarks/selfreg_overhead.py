@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import platform
 from pathlib import Path
 
 import torch
+from machine import machine_info  # benchmarks/machine.py
 
 from napari_selfreg import data
 from napari_selfreg.training import case_from_arrays
@@ -59,12 +58,7 @@ def main() -> None:
         setting = {"arch": arch, "patch": patch, "batch": batch, "classes": ["bg", "gm", "wm"]}
         rows.append((f"default {arch}, {patch} x {batch}", setting, mni, True))
     report = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "threads": args.threads,
-            "torch": torch.__version__,
-        },  # fmt: skip
+        "machine": machine_info(args.threads),
         "steps": args.steps,
         "target_ratio": TARGET,
         "rows": [],

@@ -22,12 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine_info  # benchmarks/machine.py
 
 RESULTS = Path(__file__).parent / "results" / "widget_overhead.json"
 
@@ -60,7 +61,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    import torch
     from napari.qt import get_qapp
     from qtpy.QtCore import QEventLoop
 
@@ -157,10 +157,8 @@ def main() -> None:
         "median_seconds": med,
         "worker_overhead": med["worker"] / med["bare"] - 1,
         "widget_overhead_vs_fresh": med["widget"] / med["fresh"] - 1,
-        "torch_threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "machine": machine_info(),
         "python": sys.version.split()[0],
-        "torch": torch.__version__,
         "napari": napari.__version__,
     }
     print(
