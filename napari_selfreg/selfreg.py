@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -67,26 +68,27 @@ def block_terms(
         terms["ifd"] = x.new_zeros((), dtype=torch.float32)
     if half + k == 0:
         return terms
-    mixing = torch.zeros(c, half + k)  # the columns of M, built on the CPU
+    mixing = np.zeros((c, half + k), np.float32)  # the columns of M (numpy: no op overhead)
     if half:
         spatial = tuple(range(1, x.ndim - 1))
         with torch.no_grad():  # N * mean(x / max(|x|, eps)) = sum(x) / max(|x|, eps)
             xf = x.float()  # reductions over all but the innermost axis: fast
             norms = xf.square().sum(spatial).sqrt().clamp_min(eps)
-            order = torch.argsort((xf.sum(spatial) / norms).mean(0), descending=True).cpu()
+            scores = (xf.sum(spatial) / norms).mean(0).cpu().numpy()
             del xf
-        mixing[order[:half], torch.arange(half)] = 1.0
-        mixing[order[half : 2 * half], torch.arange(half)] = -1.0
+        order = np.argsort(-scores, kind="stable")
+        mixing[order[:half], np.arange(half)] = 1.0
+        mixing[order[half : 2 * half], np.arange(half)] = -1.0
     if k:
         c_t = pooled_teacher.shape[1]
-        a = torch.randperm(c, generator=generator)[:k]
-        b = torch.randperm(c_t, generator=generator)[:k]
-        b, by_teacher = torch.sort(b)  # the mean over pairs ignores their order
-        mixing[a[by_teacher], half + torch.arange(k)] = 1.0
+        a = torch.randperm(c, generator=generator)[:k].numpy()
+        b = torch.randperm(c_t, generator=generator)[:k].numpy()
+        by_teacher = np.argsort(b)  # the mean over pairs ignores their order
+        mixing[a[by_teacher], half + np.arange(k)] = 1.0
         target = channels_innermost(pooled_teacher)
         if k < c_t:
-            target = target.index_select(-1, b.to(x.device))
-    products = (x @ mixing.to(device=x.device, dtype=x.dtype)).float()
+            target = target.index_select(-1, torch.from_numpy(b[by_teacher]).to(x.device))
+    products = (x @ torch.from_numpy(mixing).to(device=x.device, dtype=x.dtype)).float()
     if half:
         terms["ifd"] = products[..., :half].pow(2).mean()
     if k:
