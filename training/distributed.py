@@ -71,8 +71,10 @@ class DistContext:
             dist.barrier()
 
     def close(self) -> None:
-        """Leave the process group if :func:`setup` joined it."""
+        """Leave the process group if :func:`setup` joined it, after every process got
+        here (a process leaving while a peer still communicates can abort gloo)."""
         if self.owns_group and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
             self.owns_group = False
 

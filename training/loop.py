@@ -16,6 +16,7 @@ its card (metrics on whole validation volumes, data summary, split, settings).
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Callable, Generator
@@ -327,6 +328,10 @@ class Trainer(CardMixin):
         try:
             return (yield from self._run())
         finally:
+            # DDP's reducer must go before its process group, or its destructor
+            # touches a destroyed group at exit (seen as SIGABRT under torchrun)
+            self.step_module = None
+            gc.collect()
             self.dist.close()
 
     def _run(self) -> Generator[TrainEvent, None, Path]:
