@@ -128,15 +128,20 @@ def main() -> None:
         print(widget.status.text())
         return widget._results[0].features.model
 
+    def grad_cam_shot(viewer, widget, filename):
+        """Grad-CAM of white matter at enc2 over the image, with the dock and its plots."""
+        name = run(widget, "enc2", "white matter")
+        for layer in viewer.layers:
+            layer.visible = layer.name == "MNI152 T1" or layer.name.startswith(f"grad-cam/{name}/")
+        close_toasts(viewer)
+        wait(app, widget)
+        viewer.screenshot(path=str(SHOTS / filename), canvas_only=False, flash=False)
+        return name
+
     SHOTS.mkdir(exist_ok=True)
     # 1. what a user sees first: the bundled default model, Grad-CAM of white matter
     viewer, widget = open_viewer([resolve_model_path(None)], compare=False, mm=1)
-    name = run(widget, "enc2", "white matter")
-    for layer in viewer.layers:
-        layer.visible = layer.name == "MNI152 T1" or layer.name.startswith(f"grad-cam/{name}/")
-    close_toasts(viewer)
-    wait(app, widget)
-    viewer.screenshot(path=str(SHOTS / "inspect.png"), canvas_only=False, flash=False)
+    name = grad_cam_shot(viewer, widget, "inspect.png")
     # 2. its PCA composite and five strongest channels of a shallow block, side by side
     run(widget, "enc1", "off", top_k=5)
     for layer in viewer.layers:
@@ -149,12 +154,7 @@ def main() -> None:
     viewer.close()
     # 3. plain vs SelfReg, same data, seed and budget: channel similarity per block
     viewer, widget = open_viewer(train_models(args.models, args.iterations), compare=True, mm=2)
-    name = run(widget, "enc2", "white matter")
-    for layer in viewer.layers:
-        layer.visible = layer.name == "MNI152 T1" or layer.name.startswith(f"grad-cam/{name}/")
-    close_toasts(viewer)
-    wait(app, widget)
-    viewer.screenshot(path=str(SHOTS / "inspect_compare.png"), canvas_only=False, flash=False)
+    name = grad_cam_shot(viewer, widget, "inspect_compare.png")
     viewer.close()
     print("wrote", *sorted(p.name for p in SHOTS.glob("inspect*.png")))
 
