@@ -28,9 +28,16 @@ def run_headless(out_dir: Path) -> int:
 
     image_path, _ = data.write_sample("mni152", out_dir)
     print(f"sample written to {image_path}")
-    return cli.main(
-        ["segment", str(image_path), "-o", str(out_dir / "mni152_segmentation.nii.gz")]
-    )
+    return cli.main(["segment", str(image_path), "-o", str(fresh_path(out_dir, "mni152_segmentation"))])  # fmt: skip
+
+
+def fresh_path(folder: Path, stem: str, suffix: str = ".nii.gz") -> Path:
+    """``folder/stem.nii.gz``, or ``stem-2``, ``stem-3``... when taken: reruns keep earlier results."""
+    path, n = folder / f"{stem}{suffix}", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}{suffix}"
+    return path
 
 
 def run_viewer() -> int:

@@ -181,3 +181,22 @@ def test_console_script(tmp_path):
                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.splitlines() == [f"napari-selfreg: error: input {missing} does not exist"]
+
+
+def test_headless_demo_reruns_write_new_files(tmp_path, monkeypatch):
+    """Running the main command again keeps the first result (a new name each time)."""
+    from napari_selfreg import cli, demo
+
+    calls = []
+
+    def fake_segment(argv):
+        out = Path(argv[argv.index("-o") + 1])
+        out.write_bytes(b"labels")  # what the real command leaves behind
+        calls.append(out.name)
+        return 0
+
+    monkeypatch.setattr(cli, "main", fake_segment)
+    assert demo.run_headless(tmp_path) == 0 and demo.run_headless(tmp_path) == 0
+    assert demo.run_headless(tmp_path) == 0
+    assert calls == ["mni152_segmentation.nii.gz", "mni152_segmentation-2.nii.gz",
+                     "mni152_segmentation-3.nii.gz"]  # fmt: skip
