@@ -88,7 +88,8 @@ def block_terms(
         target = channels_innermost(pooled_teacher)
         if k < c_t:
             target = target.index_select(-1, torch.from_numpy(b[by_teacher]).to(x.device))
-    products = (x @ torch.from_numpy(mixing).to(device=x.device, dtype=x.dtype)).float()
+    with torch.autocast(x.device.type, enabled=False):  # keep float32 features float32
+        products = (x @ torch.from_numpy(mixing).to(device=x.device, dtype=x.dtype)).float()
     if half:
         terms["ifd"] = products[..., :half].pow(2).mean()
     if k:

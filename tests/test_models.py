@@ -91,3 +91,23 @@ def test_features_carry_gradient_to_input():
 def test_deploy_returns_model_without_training_parts():
     model = models.build("unet3d", channels=(4, 8))
     assert models.deploy(model) is model
+
+
+def test_builders_without_a_class_annotation_are_not_refused(monkeypatch):
+    """Third-party builders: options are checked against the builder's own signature,
+    not at all when it takes **options and names no class."""
+    from napari_selfreg import models as registry
+
+    def loose(in_channels=1, num_classes=2, **options):
+        return registry.build("unet3d", in_channels, num_classes, **options)
+
+    def strict(in_channels=1, num_classes=2, channels=(4, 8)):
+        return registry.build("unet3d", in_channels, num_classes, channels=channels)
+
+    monkeypatch.setitem(registry._REGISTRY, "loose3d", loose)
+    monkeypatch.setitem(registry._REGISTRY, "strict3d", strict)
+    assert registry.architecture_options("loose3d") is None
+    assert registry.build("loose3d", channels=(4, 8)).num_classes == 2
+    assert registry.architecture_options("strict3d") == ["channels"]
+    with pytest.raises(ValueError, match="strict3d has no option 'norm'"):
+        registry.build("strict3d", norm="batch")

@@ -130,3 +130,16 @@ def test_finetune_rejects_a_model_that_is_not_ours(folders, capsys):
             "--labels", str(folders / "labels" / "c0.nii.gz")]  # fmt: skip
     assert main(args) == 2
     assert "is not a napari-selfreg model card" in capsys.readouterr().err
+
+
+def test_arch_option_values_python_spelling_and_duplicates():
+    from napari_selfreg.training.cli import _arch_options
+    from napari_selfreg.training.config import TrainingError
+
+    opts = _arch_options(
+        "missu3d", ["training_modules=False", "img_size=None", "dropout=0.1"], None
+    )
+    assert opts == {"training_modules": False, "img_size": None, "dropout": 0.1}
+    assert _arch_options("unet3d", ["norm=instance"], [4, 8]) == {"channels": [4, 8], "norm": "instance"}  # fmt: skip
+    with pytest.raises(TrainingError, match="channels is given twice"):
+        _arch_options("unet3d", ["channels=[4, 8]"], [4, 8])

@@ -54,12 +54,16 @@ def _arch_options(arch: str, items: list[str], channels: list[int] | None) -> di
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise TrainingError(f"bad --arch-option {item!r}; write KEY=VALUE, e.g. img_size=64")
+        key = key.strip()
+        if key in options:
+            raise TrainingError(f"{key} is given twice (--channels or --arch-option)")
+        words = {"true": True, "false": False, "none": None, "null": None}
         try:
-            options[key.strip()] = json.loads(text)
+            options[key] = json.loads(text)
         except json.JSONDecodeError:
-            options[key.strip()] = text
+            options[key] = words.get(text.strip().lower(), text)
     valid = models.architecture_options(arch)
-    unknown = [k for k in options if k not in valid]
+    unknown = [k for k in options if valid is not None and k not in valid]
     if unknown:
         raise TrainingError(
             f"{arch} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(valid)}"

@@ -70,11 +70,13 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
-    def close(self) -> None:
-        """Leave the process group if :func:`setup` joined it, after every process got
-        here (a process leaving while a peer still communicates can abort gloo)."""
+    def close(self, clean: bool = True) -> None:
+        """Leave the process group if :func:`setup` joined it; on a ``clean`` exit first
+        wait for every process (one leaving while a peer still communicates can abort
+        gloo). After an error no barrier: the peers may wait in another collective."""
         if self.owns_group and dist.is_initialized():
-            dist.barrier()
+            if clean:
+                dist.barrier()
             dist.destroy_process_group()
             self.owns_group = False
 

@@ -189,13 +189,15 @@ def correction_weights(
     return weight
 
 
-def reviewed_case(case: Case) -> Case:
-    """The fine-tuning case restricted to the voxels the user reviewed (weight >= 1).
+def reviewed_case(case: Case, changed: np.ndarray) -> Case:
+    """The fine-tuning case restricted to the voxels the user reviewed: the corrected
+    ones and, as in :func:`correction_weights`, the whole image in 2D or the slices
+    holding corrections along the painting axis in 3D.
 
     Fine-tuning has no held-out data: its validation Dice (the live curve, the best
     checkpoint, the card) is the fit to the corrected and reviewed voxels.
     """
-    reviewed = (case.weight >= 1).astype(np.float32)
+    reviewed = correction_weights(changed, 1.0, 0.0)
     return dataclasses.replace(case, name=f"{case.name} (reviewed voxels)", weight=reviewed)
 
 
@@ -331,7 +333,7 @@ def iter_finetune(
         configure=freezer(cfg.freeze, probe),
         new_version=True,
         extra_training={"finetune": {**_asdict(cfg), "corrected_voxels": int(changed.sum())}},
-        validation_cases=[reviewed_case(case)],
+        validation_cases=[reviewed_case(case, changed)],
     )
     try:
         return (yield from trainer.run())

@@ -325,14 +325,17 @@ class Trainer(CardMixin):
     def run(self) -> Generator[TrainEvent, None, Path]:
         """The training generator (see :func:`iter_train`)."""
         self.setup()
+        clean = False
         try:
-            return (yield from self._run())
+            path = yield from self._run()
+            clean = True
+            return path
         finally:
             # DDP's reducer must go before its process group, or its destructor
             # touches a destroyed group at exit (seen as SIGABRT under torchrun)
             self.step_module = None
             gc.collect()
-            self.dist.close()
+            self.dist.close(clean)
 
     def _run(self) -> Generator[TrainEvent, None, Path]:
         cfg, ctx = self.config, self.dist

@@ -75,7 +75,7 @@ def build(name: str, in_channels: int = 1, num_classes: int = 2, **options) -> n
         ValueError: unknown architecture or option (the message lists the valid ones).
     """
     valid = architecture_options(name)
-    unknown = sorted(set(options) - set(valid))
+    unknown = sorted(set(options) - set(valid)) if valid is not None else []
     if unknown:
         raise ValueError(
             f"{name} has no option {', '.join(map(repr, unknown))}; "
@@ -85,14 +85,22 @@ def build(name: str, in_channels: int = 1, num_classes: int = 2, **options) -> n
     return _REGISTRY[name](in_channels=in_channels, num_classes=num_classes, **options)
 
 
-def architecture_options(name: str) -> list[str]:
+def architecture_options(name: str) -> list[str] | None:
     """The options of a registered architecture: the keyword arguments of the class its
-    builder returns (read from the builder's return annotation), but the channel counts."""
+    builder returns (read from the builder's return annotation), else of the builder;
+    None when that takes ``**options`` and names no class (options are then not checked)."""
     _import_builtin()
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    cls = typing.get_type_hints(_REGISTRY[name])["return"]
-    params = inspect.signature(cls.__init__).parameters
+    builder = _REGISTRY[name]
+    try:
+        cls = typing.get_type_hints(builder).get("return")
+    except (NameError, TypeError):
+        cls = None
+    target = cls.__init__ if isinstance(cls, type) and cls is not nn.Module else builder
+    params = inspect.signature(target).parameters
+    if target is builder and any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None  # a builder taking **options says nothing about which: no check
     return [p for p in params if p not in ("self", "in_channels", "num_classes", "spatial_dims")]
 
 
