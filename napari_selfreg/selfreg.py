@@ -55,9 +55,9 @@ def block_terms(
     (B, *S, C), ``x @ M`` with ``M``'s columns the IFD differences (+1 top channel,
     -1 its bottom partner) and SCR's picked channels (unit vectors) equals the
     gathers, and its gradient is a product again, in the block's own (channels-last)
-    layout. The product runs in the block's dtype (under bf16 autocast the IFD
-    differences are rounded to bf16 once; picks are exact); squares and means in
-    float32.
+    layout. The product runs in the block's own dtype, never autocast's (for bf16
+    blocks the IFD differences are rounded to bf16 once; picks are exact); squares
+    and means in float32.
     """
     x = channels_innermost(feature)
     c = x.shape[-1]

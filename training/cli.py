@@ -62,12 +62,10 @@ def _arch_options(arch: str, items: list[str], channels: list[int] | None) -> di
             options[key] = json.loads(text)
         except json.JSONDecodeError:
             options[key] = words.get(text.strip().lower(), text)
-    valid = models.architecture_options(arch)
-    unknown = [k for k in options if valid is not None and k not in valid]
-    if unknown:
-        raise TrainingError(
-            f"{arch} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(valid)}"
-        )
+    try:
+        models.check_options(arch, options)
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
     return options
 
 

@@ -74,6 +74,13 @@ def build(name: str, in_channels: int = 1, num_classes: int = 2, **options) -> n
     Raises:
         ValueError: unknown architecture or option (the message lists the valid ones).
     """
+    check_options(name, options)
+    options = {k: v for k, v in options.items() if v is not None}
+    return _REGISTRY[name](in_channels=in_channels, num_classes=num_classes, **options)
+
+
+def check_options(name: str, options) -> None:
+    """Raise ValueError naming the valid options when ``options`` has a key ``name`` lacks."""
     valid = architecture_options(name)
     unknown = sorted(set(options) - set(valid)) if valid is not None else []
     if unknown:
@@ -81,8 +88,6 @@ def build(name: str, in_channels: int = 1, num_classes: int = 2, **options) -> n
             f"{name} has no option {', '.join(map(repr, unknown))}; "
             f"its options: {', '.join(valid)}"
         )
-    options = {k: v for k, v in options.items() if v is not None}
-    return _REGISTRY[name](in_channels=in_channels, num_classes=num_classes, **options)
 
 
 def architecture_options(name: str) -> list[str] | None:
@@ -130,6 +135,7 @@ __all__ = [
     "architecture_options",
     "available",
     "build",
+    "check_options",
     "deploy",
     "register_model",
     "selfreg_groups",
