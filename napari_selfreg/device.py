@@ -10,8 +10,11 @@ when there is no GPU, why (the usual cause: a CPU-only torch wheel).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import platform
+import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -184,6 +187,64 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# glibc's mallopt parameters (malloc.h) and values
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MMAP_THRESHOLD_MAX = 32 * 1024**2  # glibc's ceiling on 64-bit systems
+_KEEP_HEAP = 2**31 - 1  # trim threshold while a job runs (mallopt takes an int)
+_KEEP_THREAD_HEAPS = 64 * 1024**2  # top pad: a thread's free 64 MiB heaps stay mapped
+_AFTER_JOBS = 2 * _MMAP_THRESHOLD_MAX  # where glibc's own adaptive trim threshold ends
+_DEFAULT_TOP_PAD = 128 * 1024
+_heap_lock = threading.Lock()
+_heap_jobs = 0
+
+
+def _glibc():
+    """The C library when it is glibc and the user has not tuned malloc, else None."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def reuse_freed_memory():
+    """Keep freed CPU tensor memory for reuse while a predictor or training job runs.
+
+    glibc gives freed blocks above its mmap threshold back to the kernel and trims
+    the heap once more than twice that lies free on top, so every training step
+    and every predictor tile faulted its activations in again, page by page (here
+    13 % of a 3D training step, 27 % of whole-volume inference). Inside, blocks up
+    to 32 MiB come from the heap and the heap is not trimmed; when the last job ends
+    the free memory goes back to the kernel (``malloc_trim``) and the trim threshold
+    is left where glibc's adaptive one ends (64 MiB). Other C libraries, or
+    ``MALLOC_*_THRESHOLD_`` set by the user: no change.
+    """
+    global _heap_jobs
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _heap_lock:
+        if _heap_jobs == 0:
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+            libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_HEAP)
+            libc.mallopt(_M_TOP_PAD, _KEEP_THREAD_HEAPS)
+        _heap_jobs += 1
+    try:
+        yield
+    finally:
+        with _heap_lock:
+            _heap_jobs -= 1
+            if _heap_jobs == 0:
+                libc.mallopt(_M_TRIM_THRESHOLD, _AFTER_JOBS)
+                libc.mallopt(_M_TOP_PAD, _DEFAULT_TOP_PAD)
+                libc.malloc_trim(0)
+
+
 def device_report() -> str:
     """A multi-line diagnostic: torch build, GPUs (or why none), MPS, CPU, bf16, threads."""
     lines = [
@@ -240,4 +301,5 @@ __all__ = [
     "precision_name",
     "resolve_device",
     "resolve_precision",
+    "reuse_freed_memory",
 ]

@@ -38,7 +38,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .device import autocast, precision_name, resolve_device, resolve_precision
+from .device import (
+    autocast,
+    precision_name,
+    resolve_device,
+    resolve_precision,
+    reuse_freed_memory,
+)
 from .jobs import drain
 
 DEFAULT_TILE = {3: (96, 96, 96), 2: (256, 256)}
@@ -359,15 +365,16 @@ class Predictor:
         t0 = time.perf_counter()
         yield Progress(0, 0, "prepare", "checking and normalising the input")
         streaming = out is not None or _is_lazy(image)
-        work = _Work(self, image, spacing, mask, streaming)
-        sink = _Sink(self, work, out)
-        try:
-            info = yield from self._run(work, sink)
-            yield Progress(info["tiles"], info["tiles"], "finish", "writing the result")
-            result = sink.finish()
-        except BaseException:  # cancel (GeneratorExit) included: leave nothing behind
-            sink.abort()
-            raise
+        with reuse_freed_memory():
+            work = _Work(self, image, spacing, mask, streaming)
+            sink = _Sink(self, work, out)
+            try:
+                info = yield from self._run(work, sink)
+                yield Progress(info["tiles"], info["tiles"], "finish", "writing the result")
+                result = sink.finish()
+            except BaseException:  # cancel (GeneratorExit) included: leave nothing behind
+                sink.abort()
+                raise
         result.info = {**work.info, **info, "seconds": round(time.perf_counter() - t0, 3)}
         return result
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -49,33 +50,53 @@ def block_terms(
     ifd: bool = True,
     eps: float = 1e-12,
 ) -> dict[str, torch.Tensor]:
-    """IFD and (given the teacher pooled to the block's size) SCR of one block.
+    """IFD and (given the teacher pooled to the block's size) SCR of one block."""
+    values = block_values([block_plan(feature, pooled_teacher, generator, ifd, eps)])[0]
+    terms = {"ifd": values[0]} if ifd else {}
+    if pooled_teacher is not None:
+        terms["scr"] = values[1]
+    return terms
 
-    Both come from one matrix product: on the channels-innermost view ``x``
-    (B, *S, C), ``x @ M`` with ``M``'s columns the IFD differences (+1 top channel,
-    -1 its bottom partner) and SCR's picked channels (unit vectors) equals the
-    gathers, and its gradient is a product again, in the block's own (channels-last)
-    layout. The product runs in the block's own dtype, never autocast's (for bf16
-    blocks the IFD differences are rounded to bf16 once; picks are exact); squares
-    and means in float32.
+
+class BlockPlan(NamedTuple):
+    """One student's terms as a product: ``x`` (B, *S, C) the channels-innermost
+    view, ``mixing`` (C, half + k) the columns of ``M``, ``target`` (N, k) the
+    pooled teacher's picked channels or None, ``half`` the IFD columns."""
+
+    x: torch.Tensor
+    mixing: torch.Tensor
+    target: torch.Tensor | None
+    half: int
+
+
+def block_plan(
+    feature: torch.Tensor,
+    pooled_teacher: torch.Tensor | None,
+    generator: torch.Generator | None,
+    ifd: bool,
+    eps: float = 1e-12,
+) -> BlockPlan:
+    """IFD and SCR of a block as the product ``x @ M`` (see :func:`block_values`).
+
+    ``M``'s columns are the IFD differences (+1 top channel, -1 its bottom
+    partner; channels ranked by the mean of their L2-normalised maps) and SCR's
+    randomly picked channels (unit vectors, paired with randomly picked teacher
+    channels).
     """
     x = channels_innermost(feature)
     c = x.shape[-1]
     half = c // 2 if ifd else 0
     k = min(c, pooled_teacher.shape[1]) if pooled_teacher is not None else 0
-    terms: dict[str, torch.Tensor] = {}
-    if ifd and half == 0:
-        terms["ifd"] = x.new_zeros((), dtype=torch.float32)
-    if half + k == 0:
-        return terms
-    mixing = np.zeros((c, half + k), np.float32)  # the columns of M (numpy: no op overhead)
+    mixing = np.zeros((c, half + k), np.float32)  # numpy: no op overhead
+    target = None
     if half:
         spatial = tuple(range(1, x.ndim - 1))
         with torch.no_grad():  # N * mean(x / max(|x|, eps)) = sum(x) / max(|x|, eps)
             xf = x.float()  # reductions over all but the innermost axis: fast
-            norms = xf.square().sum(spatial).sqrt().clamp_min(eps)
-            scores = (xf.sum(spatial) / norms).mean(0).cpu().numpy()
+            sums = xf.sum(spatial).cpu().numpy()
+            norms = np.sqrt(xf.square().sum(spatial).cpu().numpy())
             del xf
+        scores = (sums / np.maximum(norms, eps)).mean(0)
         order = np.argsort(-scores, kind="stable")
         mixing[order[:half], np.arange(half)] = 1.0
         mixing[order[half : 2 * half], np.arange(half)] = -1.0
@@ -88,13 +109,67 @@ def block_terms(
         target = channels_innermost(pooled_teacher)
         if k < c_t:
             target = target.index_select(-1, torch.from_numpy(b[by_teacher]).to(x.device))
-    with torch.autocast(x.device.type, enabled=False):  # keep float32 features float32
-        products = (x @ torch.from_numpy(mixing).to(device=x.device, dtype=x.dtype)).float()
-    if half:
-        terms["ifd"] = products[..., :half].pow(2).mean()
-    if k:
-        terms["scr"] = (products[..., half:] - target).pow(2).mean()
-    return terms
+        target = target.reshape(-1, k)
+    return BlockPlan(x, torch.from_numpy(mixing).to(device=x.device, dtype=x.dtype), target, half)
+
+
+def block_values(plans: list[BlockPlan]) -> torch.Tensor:
+    """``(len(plans), 2)`` float32: each block's IFD ``mean(P[:, :half]^2)`` and SCR
+    ``mean((P[:, half:] - target)^2)`` for ``P = x @ M``, 0 where a block has none.
+
+    The product equals the gathers of the formulas and its gradient is a product
+    again, in the block's own (channels-last) layout. It runs in the block's own
+    dtype, never autocast's (for bf16 blocks the IFD differences are rounded to
+    bf16 once; picks are exact); squares and means in float32.
+    """
+    weights = np.zeros((sum(p.mixing.shape[1] for p in plans), 2 * len(plans)), np.float32)
+    start = 0
+    for i, plan in enumerate(plans):  # column sums of squares -> the block's two means
+        rows, columns = math.prod(plan.x.shape[:-1]), plan.mixing.shape[1]
+        weights[start : start + plan.half, 2 * i] = 1.0 / max(rows * plan.half, 1)
+        weights[start + plan.half : start + columns, 2 * i + 1] = 1.0 / max(
+            rows * (columns - plan.half), 1
+        )
+        start += columns
+    device = plans[0].x.device
+    values = _ProjectedSquares.apply(
+        plans, torch.from_numpy(weights).to(device), *(p.x for p in plans)
+    )
+    return values.view(len(plans), 2)
+
+
+class _ProjectedSquares(torch.autograd.Function):
+    """Weighted column sums of squares of ``R = x @ M - [0, target]`` over all
+    blocks, in one autograd node whose backward is one scaled product ``R @ M^T``
+    per block (chains of small autograd ops per block cost more than the products
+    in small networks)."""
+
+    @staticmethod
+    def forward(ctx, plans, weights, *xs):
+        residuals, squares = [], []
+        for plan, x in zip(plans, xs, strict=True):
+            with torch.autocast(x.device.type, enabled=False):  # float32 stays float32
+                residual = (x.reshape(-1, x.shape[-1]) @ plan.mixing).float()
+            if plan.target is not None:
+                residual[:, plan.half :] -= plan.target
+            residuals.append(residual)
+            squares.append((residual * residual).sum(0))
+        ctx.save_for_backward(weights, *residuals)
+        ctx.plans = plans
+        return torch.cat(squares) @ weights
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        weights, *residuals = ctx.saved_tensors
+        scale = weights @ (2 * grad_values)  # d/dR of the weighted sums: 2 R scale
+        grads, start = [], 0
+        for plan, residual in zip(ctx.plans, residuals, strict=True):
+            columns = residual.shape[1]
+            with torch.autocast(residual.device.type, enabled=False):
+                grad = (residual * scale[start : start + columns]).to(plan.mixing.dtype)
+                grads.append((grad @ plan.mixing.T).view(plan.x.shape))
+            start += columns
+        return None, None, *grads
 
 
 def channels_innermost(x: torch.Tensor) -> torch.Tensor:
@@ -191,34 +266,45 @@ def selfreg_loss(
         raise KeyError("features must contain the teacher block 'final'")
     teacher = features[TEACHER]
     groups = dict(groups) if groups is not None else default_groups(list(features))
-    terms: dict[str, torch.Tensor] = {}
-    ifd_groups: dict[str, list[torch.Tensor]] = {}
-    scr_groups: dict[str, list[torch.Tensor]] = {}
     scr_sizes = [
         f.shape[2:]
         for name, f in features.items()
         if name != TEACHER and groups.get(name, (None, None))[1] is not None
     ]
     pooled = pooled_teachers(teacher, scr_sizes)
+    names, plans, memberships = [], [], []
     for name, feature in features.items():
-        if name == TEACHER:
-            continue
         ifd_group, scr_group = groups.get(name, (None, None))
-        if ifd_group is None and scr_group is None:
+        if name == TEACHER or (ifd_group is None and scr_group is None):
             continue
         target = pooled[tuple(feature.shape[2:])] if scr_group is not None else None
-        block = block_terms(feature, target, generator, ifd=ifd_group is not None)
+        plans.append(block_plan(feature, target, generator, ifd=ifd_group is not None))
+        names.append(name)
+        memberships.append((ifd_group, scr_group))
+    if not plans:
+        zero = teacher.new_zeros((), dtype=torch.float32)
+        return zero, {"scr": zero, "ifd": zero}
+    # group means: each block's value over its group's size, summed over groups
+    means = np.zeros((len(plans), 2), np.float32)
+    for term in (0, 1):
+        members = [m[term] for m in memberships]
+        for i, group in enumerate(members):
+            if group is not None:
+                means[i, term] = 1.0 / members.count(group)
+    values = block_values(plans)  # (blocks, 2): ifd, scr
+    means_t = torch.from_numpy(means).to(values.device)
+    lambdas = torch.tensor([lambda_ifd, lambda_scr], dtype=torch.float32, device=values.device)
+    total = (values * (means_t * lambdas)).sum()
+    ifd, scr = (values.detach() * means_t).sum(0)
+    terms = {"scr": scr, "ifd": ifd}
+    for name, (ifd_group, scr_group), (ifd_value, scr_value) in zip(
+        names, memberships, values.detach(), strict=True
+    ):
         if ifd_group is not None:
-            terms[f"ifd/{name}"] = block["ifd"]
-            ifd_groups.setdefault(ifd_group, []).append(block["ifd"])
+            terms[f"ifd/{name}"] = ifd_value
         if scr_group is not None:
-            terms[f"scr/{name}"] = block["scr"]
-            scr_groups.setdefault(scr_group, []).append(block["scr"])
-    zero = teacher.new_zeros((), dtype=torch.float32)
-    scr = sum((torch.stack(v).mean() for v in scr_groups.values()), zero)
-    ifd = sum((torch.stack(v).mean() for v in ifd_groups.values()), zero)
-    terms = {"scr": scr, "ifd": ifd, **terms}
-    return lambda_scr * scr + lambda_ifd * ifd, terms
+            terms[f"scr/{name}"] = scr_value
+    return total, terms
 
 
 class SegmentationLoss(nn.Module):

@@ -1,5 +1,9 @@
 """Device and precision choice, and the diagnostic report (all paths testable on a CPU)."""
 
+import os
+import resource
+import threading
+
 import pytest
 import torch
 
@@ -131,3 +135,67 @@ def test_device_report_lists_everything(cpu_only):
     assert "CPU bf16:" in report
     assert f"{torch.get_num_threads()} intra-op" in report
     assert "auto choice: device cpu" in report
+
+
+MIB = 1024**2
+ROUND_PAGES = 12 * 8 * MIB // 4096
+
+
+def _fault_rounds(rounds: int = 6) -> list[int]:
+    """Page faults of allocating, touching and freeing 12 x 8 MiB, per round."""
+    faults = []
+    for _ in range(rounds):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        tensors = [torch.ones(8 * MIB, dtype=torch.uint8) for _ in range(12)]
+        del tensors
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return faults
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def _glibc_start_values(libc) -> None:
+    """glibc's values before it adapts: every block over 128 KiB is mmapped and unmapped."""
+    libc.mallopt(dev._M_MMAP_THRESHOLD, 128 * 1024)
+    libc.mallopt(dev._M_TRIM_THRESHOLD, 128 * 1024)
+
+
+def _needs_glibc():
+    libc = dev._glibc()
+    if libc is None:  # the mechanism is glibc's; elsewhere reuse_freed_memory is a no-op
+        pytest.skip("needs Linux with glibc")
+    return libc
+
+
+def test_reuse_freed_memory_keeps_pages_and_gives_them_back_after_the_last_job():
+    libc = _needs_glibc()
+    _glibc_start_values(libc)
+    assert sum(_fault_rounds()[3:]) > ROUND_PAGES  # control: freed blocks fault in again
+    with dev.reuse_freed_memory():
+        with dev.reuse_freed_memory():  # a second job at the same time
+            faults = _fault_rounds()
+        held = _rss_mib()  # the inner job's end must not trim
+    released = _rss_mib()
+    assert sum(faults[3:]) < 0.1 * ROUND_PAGES  # once the heap has grown
+    assert held - released > 48
+
+
+def test_reuse_freed_memory_in_a_worker_thread():
+    """The widgets run jobs in threads, whose memory comes from glibc's per-thread heaps."""
+    libc = _needs_glibc()
+    result = {}
+
+    def job():
+        _glibc_start_values(libc)
+        result["control"] = _fault_rounds()
+        with dev.reuse_freed_memory():
+            result["faults"] = _fault_rounds()
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join()
+    assert sum(result["control"][3:]) > ROUND_PAGES
+    assert sum(result["faults"][3:]) < 0.1 * ROUND_PAGES

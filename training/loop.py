@@ -28,7 +28,13 @@ import torch
 import torch.nn as nn
 
 from napari_selfreg import models
-from napari_selfreg.device import autocast, precision_name, resolve_device, resolve_precision
+from napari_selfreg.device import (
+    autocast,
+    precision_name,
+    resolve_device,
+    resolve_precision,
+    reuse_freed_memory,
+)
 from napari_selfreg.jobs import drain
 from napari_selfreg.modelfile import ModelCard, load_model, save_model
 from napari_selfreg.selfreg import SegmentationLoss, SelfRegLoss
@@ -327,7 +333,8 @@ class Trainer(CardMixin):
         self.setup()
         clean = False
         try:
-            path = yield from self._run()
+            with reuse_freed_memory():
+                path = yield from self._run()
             clean = True
             return path
         finally:

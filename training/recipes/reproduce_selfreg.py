@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from napari_selfreg import data
+from napari_selfreg.device import reuse_freed_memory
 from napari_selfreg.modelfile import load_model
 from napari_selfreg.predict import Predictor
 from napari_selfreg.training import TrainConfig, Trainer, case_from_arrays, train
@@ -112,7 +113,7 @@ def step_ratio(
     cfg = config(setting, 10**6, 0, True, threads)
     if default_channels:
         cfg.arch_options = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, reuse_freed_memory():  # as in Trainer.run
         trainer = Trainer(cfg, cases, Path(tmp) / "m")
         trainer.setup()
         times: dict[bool, list[float]] = {False: [], True: []}
