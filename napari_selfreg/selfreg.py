@@ -147,13 +147,13 @@ class _ProjectedSquares(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plans, weights, *xs):
         residuals, squares = [], []
-        for plan, x in zip(plans, xs, strict=True):
-            with torch.autocast(x.device.type, enabled=False):  # float32 stays float32
+        with torch.autocast(weights.device.type, enabled=False):  # float32 stays float32
+            for plan, x in zip(plans, xs, strict=True):
                 residual = (x.reshape(-1, x.shape[-1]) @ plan.mixing).float()
-            if plan.target is not None:
-                residual[:, plan.half :] -= plan.target
-            residuals.append(residual)
-            squares.append((residual * residual).sum(0))
+                if plan.target is not None:
+                    residual[:, plan.half :] -= plan.target
+                residuals.append(residual)
+                squares.append((residual * residual).sum(0))
         ctx.save_for_backward(weights, *residuals)
         ctx.plans = plans
         return torch.cat(squares) @ weights
@@ -163,12 +163,12 @@ class _ProjectedSquares(torch.autograd.Function):
         weights, *residuals = ctx.saved_tensors
         scale = weights @ (2 * grad_values)  # d/dR of the weighted sums: 2 R scale
         grads, start = [], 0
-        for plan, residual in zip(ctx.plans, residuals, strict=True):
-            columns = residual.shape[1]
-            with torch.autocast(residual.device.type, enabled=False):
+        with torch.autocast(weights.device.type, enabled=False):
+            for plan, residual in zip(ctx.plans, residuals, strict=True):
+                columns = residual.shape[1]
                 grad = (residual * scale[start : start + columns]).to(plan.mixing.dtype)
                 grads.append((grad @ plan.mixing.T).view(plan.x.shape))
-            start += columns
+                start += columns
         return None, None, *grads
 
 
@@ -295,15 +295,14 @@ def selfreg_loss(
     means_t = torch.from_numpy(means).to(values.device)
     lambdas = torch.tensor([lambda_ifd, lambda_scr], dtype=torch.float32, device=values.device)
     total = (values * (means_t * lambdas)).sum()
-    ifd, scr = (values.detach() * means_t).sum(0)
+    ifd, scr = (values.detach() * means_t).sum(0).unbind()
     terms = {"scr": scr, "ifd": ifd}
-    for name, (ifd_group, scr_group), (ifd_value, scr_value) in zip(
-        names, memberships, values.detach(), strict=True
-    ):
+    each = values.detach().view(-1).unbind()  # ifd, scr of block 0, of block 1, ...
+    for i, (name, (ifd_group, scr_group)) in enumerate(zip(names, memberships, strict=True)):
         if ifd_group is not None:
-            terms[f"ifd/{name}"] = ifd_value
+            terms[f"ifd/{name}"] = each[2 * i]
         if scr_group is not None:
-            terms[f"scr/{name}"] = scr_value
+            terms[f"scr/{name}"] = each[2 * i + 1]
     return total, terms
 
 
