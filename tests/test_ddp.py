@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from napari_selfreg.modelfile import load_model
 from napari_selfreg.training.distributed import weights_digest
 
 pytestmark = pytest.mark.usefixtures("selfreg_home")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_torchrun_two_cpu_processes_keep_identical_replicas(tmp_path):
@@ -28,17 +28,17 @@ def test_torchrun_two_cpu_processes_keep_identical_replicas(tmp_path):
         image, labels = make_phantom((20, 20, 20), 3, seed=i)
         nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "images" / f"c{i}.nii.gz")
         nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "labels" / f"c{i}.nii.gz")
-    script = shutil.which("napari-selfreg", path=str(Path(sys.executable).parent))
-    assert script is not None, "the napari-selfreg console script is not installed"
     out = tmp_path / "runs" / "ddp"
+    # the command of the README, from the repository root (torchrun runs
+    # `python napari-selfreg ...`: the launcher file there)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "--no-python", script, "train", "--images", str(tmp_path / "images"),
+           "napari-selfreg", "train", "--images", str(tmp_path / "images"),
            "--labels", str(tmp_path / "labels"), "--out", str(out), "--arch", "unet3d",
            "--channels", "4", "8", "16", "--patch", "16", "16", "16", "--batch-size", "1",
            "--iterations", "3", "--val-fraction", "0", "--precision", "fp32", "--quiet",
            "--seed", "0"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1] == str(out)  # rank 0 prints, once
     assert run.stdout.count(str(out)) == 1
