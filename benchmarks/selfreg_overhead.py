@@ -9,7 +9,7 @@ default UNets at the patch sizes they train with.
 
 Usage::
 
-    .venv/bin/python benchmarks/selfreg_overhead.py [--steps 16] [--threads 2]
+    .venv/bin/python benchmarks/selfreg_overhead.py [--steps 30] [--threads 2]
 
 Writes ``benchmarks/results/selfreg_overhead.json``. Target (issue 4): <= 1.10x.
 """
@@ -41,7 +41,7 @@ def _recipe():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=16, help="timed steps of each kind")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps of each kind")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()
