@@ -154,20 +154,22 @@ class _ProjectedSquares(torch.autograd.Function):
                     residual[:, plan.half :] -= plan.target
                 residuals.append(residual)
                 squares.append((residual * residual).sum(0))
-        ctx.save_for_backward(weights, *residuals)
-        ctx.plans = plans
+        # only what the backward needs: not the features, not the (float) targets
+        ctx.save_for_backward(weights, *residuals, *(plan.mixing for plan in plans))
+        ctx.shapes = [x.shape for x in xs]
         return torch.cat(squares) @ weights
 
     @staticmethod
     def backward(ctx, grad_values):
-        weights, *residuals = ctx.saved_tensors
+        weights, *saved = ctx.saved_tensors
+        residuals, mixings = saved[: len(ctx.shapes)], saved[len(ctx.shapes) :]
         scale = weights @ (2 * grad_values)  # d/dR of the weighted sums: 2 R scale
         grads, start = [], 0
         with torch.autocast(weights.device.type, enabled=False):
-            for plan, residual in zip(ctx.plans, residuals, strict=True):
+            for residual, mixing, shape in zip(residuals, mixings, ctx.shapes, strict=True):
                 columns = residual.shape[1]
-                grad = (residual * scale[start : start + columns]).to(plan.mixing.dtype)
-                grads.append((grad @ plan.mixing.T).view(plan.x.shape))
+                grad = (residual * scale[start : start + columns]).to(mixing.dtype)
+                grads.append((grad @ mixing.T).view(shape))
                 start += columns
         return None, None, *grads
 
