@@ -138,11 +138,11 @@ def test_device_report_lists_everything(cpu_only):
 
 
 MIB = 1024**2
-ROUND_PAGES = 12 * 8 * MIB // 4096
 
 
 def _fault_rounds(rounds: int = 6) -> list[int]:
-    """Page faults of allocating, touching and freeing 12 x 8 MiB, per round."""
+    """Page faults of allocating, touching and freeing 12 x 8 MiB, per round (fewer
+    and larger where transparent huge pages are always on: compare, don't count)."""
     faults = []
     for _ in range(rounds):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -173,13 +173,13 @@ def _needs_glibc():
 def test_reuse_freed_memory_keeps_pages_and_gives_them_back_after_the_last_job():
     libc = _needs_glibc()
     _glibc_start_values(libc)
-    assert sum(_fault_rounds()[3:]) > ROUND_PAGES  # control: freed blocks fault in again
+    control = sum(_fault_rounds()[3:])  # freed blocks fault in again, round after round
     with dev.reuse_freed_memory():
         with dev.reuse_freed_memory():  # a second job at the same time
-            faults = _fault_rounds()
+            faults = sum(_fault_rounds()[3:])  # once the heap has grown
         held = _rss_mib()  # the inner job's end must not trim
     released = _rss_mib()
-    assert sum(faults[3:]) < 0.1 * ROUND_PAGES  # once the heap has grown
+    assert control > 0 and faults < 0.1 * control, (control, faults)
     assert held - released > 48
 
 
@@ -197,5 +197,5 @@ def test_reuse_freed_memory_in_a_worker_thread():
     thread = threading.Thread(target=job)
     thread.start()
     thread.join()
-    assert sum(result["control"][3:]) > ROUND_PAGES
-    assert sum(result["faults"][3:]) < 0.1 * ROUND_PAGES
+    control, faults = sum(result["control"][3:]), sum(result["faults"][3:])
+    assert control > 0 and faults < 0.1 * control, (control, faults)
