@@ -217,7 +217,7 @@ def reuse_freed_memory():
     glibc gives freed blocks above its mmap threshold back to the kernel and trims
     the heap once more than twice that lies free on top, so every training step
     and every predictor tile faulted its activations in again, page by page (here
-    13 % of a 3D training step, 27 % of whole-volume inference). Inside, blocks up
+    12 % of a 3D training step, 24 % of whole-volume inference). Inside, blocks up
     to 32 MiB come from the heap and the heap is not trimmed; when the last job ends
     the free memory goes back to the kernel (``malloc_trim``) and the trim threshold
     is left where glibc's adaptive one ends (64 MiB). Other C libraries, or
