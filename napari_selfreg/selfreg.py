@@ -6,6 +6,7 @@ or 3D ``(B, C, D, H, W)`` tensors of any size; reductions are in float32.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -51,7 +52,7 @@ def block_terms(
     eps: float = 1e-12,
 ) -> dict[str, torch.Tensor]:
     """IFD and (given the teacher pooled to the block's size) SCR of one block."""
-    values = block_values([block_plan(feature, pooled_teacher, generator, ifd, eps)])[0]
+    values = block_values(block_plans([(feature, pooled_teacher, ifd)], generator), eps=eps)
     terms = {"ifd": values[0]} if ifd else {}
     if pooled_teacher is not None:
         terms["scr"] = values[1]
@@ -59,83 +60,90 @@ def block_terms(
 
 
 class BlockPlan(NamedTuple):
-    """One student's terms as a product: ``x`` (B, *S, C) the channels-innermost
-    view, ``mixing`` (C, half + k) the columns of ``M``, ``target`` (N, k) the
-    pooled teacher's picked channels or None, ``half`` the IFD columns."""
+    """One student: ``x`` (B, *S, C) its channels-innermost view, ``half`` its IFD
+    pairs, ``picks`` the student channels SCR pairs with the columns of ``target``
+    (N, k), the pooled teacher's picked channels (None without SCR)."""
 
     x: torch.Tensor
-    mixing: torch.Tensor
-    target: torch.Tensor | None
     half: int
+    picks: np.ndarray
+    target: torch.Tensor | None
 
 
-def block_plan(
-    feature: torch.Tensor,
-    pooled_teacher: torch.Tensor | None,
-    generator: torch.Generator | None,
-    ifd: bool,
-    eps: float = 1e-12,
-) -> BlockPlan:
-    """IFD and SCR of a block as the product ``x @ M`` (see :func:`block_values`).
+def block_plans(
+    blocks: list[tuple[torch.Tensor, torch.Tensor | None, bool]],
+    generator: torch.Generator | None = None,
+) -> list[BlockPlan]:
+    """Draw SCR's random pairing of each block in ``blocks``, given as
+    ``(feature, teacher pooled to its size or None, with IFD)``: ``K = min(C_S, C_T)``
+    distinct channels on each side."""
+    plans = []
+    for feature, pooled_teacher, ifd in blocks:
+        x = channels_innermost(feature)
+        c = x.shape[-1]
+        picks, target = np.zeros(0, np.int64), None
+        if pooled_teacher is not None:
+            c_t = pooled_teacher.shape[1]
+            k = min(c, c_t)
+            a = torch.randperm(c, generator=generator)[:k].numpy()
+            b = torch.randperm(c_t, generator=generator)[:k].numpy()
+            by_teacher = np.argsort(b)  # the mean over pairs ignores their order
+            picks, target = a[by_teacher], channels_innermost(pooled_teacher)
+            if k < c_t:
+                target = target.index_select(-1, torch.from_numpy(b[by_teacher]).to(x.device))
+            target = target.reshape(-1, k)
+        plans.append(BlockPlan(x, c // 2 if ifd else 0, picks, target))
+    return plans
 
-    ``M``'s columns are the IFD differences (+1 top channel, -1 its bottom
-    partner; channels ranked by the mean of their L2-normalised maps) and SCR's
-    randomly picked channels (unit vectors, paired with randomly picked teacher
-    channels).
+
+def block_values(
+    plans: list[BlockPlan], combine: np.ndarray | None = None, eps: float = 1e-12
+) -> torch.Tensor:
+    """Float32 ``v @ combine`` (default: ``v``) for ``v`` the blocks' IFD and SCR means
+    ``(ifd_0, scr_0, ifd_1, ...)``, 0 where a block has none.
+
+    Each block's terms are the columns of one product ``P = x @ M``: IFD
+    ``mean(P[:, :half]^2)`` with ``M``'s first columns the differences of ranked
+    channels (+1 top, -1 its bottom partner; ranked by the mean of their
+    L2-normalised maps), SCR ``mean((P[:, half:] - target)^2)`` with unit columns
+    picking the paired channels. The product equals the gathers of the formulas
+    and its gradient is a product again, in the block's own (channels-last)
+    layout. It runs in the block's own dtype, never autocast's (for bf16 blocks
+    the IFD differences are rounded to bf16 once; picks are exact); ranking,
+    squares and means in float32.
     """
-    x = channels_innermost(feature)
-    c = x.shape[-1]
-    half = c // 2 if ifd else 0
-    k = min(c, pooled_teacher.shape[1]) if pooled_teacher is not None else 0
-    mixing = np.zeros((c, half + k), np.float32)  # numpy: no op overhead
-    target = None
-    if half:
+    widths = [p.half + len(p.picks) for p in plans]
+    weights = np.zeros((sum(widths), 2 * len(plans)), np.float32)
+    start = 0
+    for i, (plan, width) in enumerate(zip(plans, widths, strict=True)):
+        rows, half = math.prod(plan.x.shape[:-1]), plan.half  # column sums -> the two means
+        weights[start : start + half, 2 * i] = 1.0 / max(rows * half, 1)
+        weights[start + half : start + width, 2 * i + 1] = 1.0 / max(rows * (width - half), 1)
+        start += width
+    if combine is not None:
+        weights = weights @ combine
+    weights_t = torch.from_numpy(weights).to(plans[0].x.device)
+    return _ProjectedSquares.apply(plans, eps, weights_t, *(p.x for p in plans))
+
+
+def mixing_matrix(x: torch.Tensor, half: int, picks: np.ndarray, eps: float) -> torch.Tensor:
+    """``M`` of one block (C, half + k) in ``x``'s dtype; see :func:`block_values`."""
+    mixing = np.zeros((x.shape[-1], half + len(picks)), np.float32)  # numpy: no op overhead
+    if half:  # N * mean(x / max(|x|, eps)) = sum(x) / max(|x|, eps)
+        xf = x.detach().float()  # reductions over all but the innermost axis: fast
         spatial = tuple(range(1, x.ndim - 1))
-        with torch.no_grad():  # N * mean(x / max(|x|, eps)) = sum(x) / max(|x|, eps)
-            xf = x.float()  # reductions over all but the innermost axis: fast
-            sums = xf.sum(spatial).cpu().numpy()
-            norms = np.sqrt(xf.square().sum(spatial).cpu().numpy())
-            del xf
-        scores = (sums / np.maximum(norms, eps)).mean(0)
-        order = np.argsort(-scores, kind="stable")
+        scores = (xf.sum(spatial) / (xf * xf).sum(spatial).sqrt().clamp_min(eps)).mean(0)
+        order = np.argsort(-scores.cpu().numpy(), kind="stable")
         mixing[order[:half], np.arange(half)] = 1.0
         mixing[order[half : 2 * half], np.arange(half)] = -1.0
-    if k:
-        c_t = pooled_teacher.shape[1]
-        a = torch.randperm(c, generator=generator)[:k].numpy()
-        b = torch.randperm(c_t, generator=generator)[:k].numpy()
-        by_teacher = np.argsort(b)  # the mean over pairs ignores their order
-        mixing[a[by_teacher], half + np.arange(k)] = 1.0
-        target = channels_innermost(pooled_teacher)
-        if k < c_t:
-            target = target.index_select(-1, torch.from_numpy(b[by_teacher]).to(x.device))
-        target = target.reshape(-1, k)
-    return BlockPlan(x, torch.from_numpy(mixing).to(device=x.device, dtype=x.dtype), target, half)
+    mixing[picks, half + np.arange(len(picks))] = 1.0
+    return torch.from_numpy(mixing).to(device=x.device, dtype=x.dtype)
 
 
-def block_values(plans: list[BlockPlan]) -> torch.Tensor:
-    """``(len(plans), 2)`` float32: each block's IFD ``mean(P[:, :half]^2)`` and SCR
-    ``mean((P[:, half:] - target)^2)`` for ``P = x @ M``, 0 where a block has none.
-
-    The product equals the gathers of the formulas and its gradient is a product
-    again, in the block's own (channels-last) layout. It runs in the block's own
-    dtype, never autocast's (for bf16 blocks the IFD differences are rounded to
-    bf16 once; picks are exact); squares and means in float32.
-    """
-    weights = np.zeros((sum(p.mixing.shape[1] for p in plans), 2 * len(plans)), np.float32)
-    start = 0
-    for i, plan in enumerate(plans):  # column sums of squares -> the block's two means
-        rows, columns = math.prod(plan.x.shape[:-1]), plan.mixing.shape[1]
-        weights[start : start + plan.half, 2 * i] = 1.0 / max(rows * plan.half, 1)
-        weights[start + plan.half : start + columns, 2 * i + 1] = 1.0 / max(
-            rows * (columns - plan.half), 1
-        )
-        start += columns
-    device = plans[0].x.device
-    values = _ProjectedSquares.apply(
-        plans, torch.from_numpy(weights).to(device), *(p.x for p in plans)
-    )
-    return values.view(len(plans), 2)
+def _autocast_off(device: torch.device):
+    """Autocast switched off where it is on (entering the context costs as much as an op)."""
+    on = torch.is_autocast_enabled(device.type)
+    return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()
 
 
 class _ProjectedSquares(torch.autograd.Function):
@@ -145,33 +153,38 @@ class _ProjectedSquares(torch.autograd.Function):
     in small networks)."""
 
     @staticmethod
-    def forward(ctx, plans, weights, *xs):
-        residuals, squares = [], []
-        with torch.autocast(weights.device.type, enabled=False):  # float32 stays float32
-            for plan, x in zip(plans, xs, strict=True):
-                residual = (x.reshape(-1, x.shape[-1]) @ plan.mixing).float()
+    def forward(ctx, plans, eps, weights, *xs):
+        residuals, mixings, squares = [], [], []
+        with _autocast_off(weights.device):  # float32 stays float32
+            for plan, x, needed in zip(plans, xs, ctx.needs_input_grad[3:], strict=True):
+                mixing = mixing_matrix(x, plan.half, plan.picks, eps)
+                residual = (x.reshape(-1, x.shape[-1]) @ mixing).float()
                 if plan.target is not None:
                     residual[:, plan.half :] -= plan.target
-                residuals.append(residual)
                 squares.append((residual * residual).sum(0))
+                residuals.append(residual if needed else None)  # frozen blocks: nothing kept
+                mixings.append(mixing if needed else None)
+            values = torch.cat(squares) @ weights
         # only what the backward needs: not the features, not the (float) targets
-        ctx.save_for_backward(weights, *residuals, *(plan.mixing for plan in plans))
+        ctx.save_for_backward(weights, *residuals, *mixings)
         ctx.shapes = [x.shape for x in xs]
-        return torch.cat(squares) @ weights
+        ctx.widths = [len(s) for s in squares]
+        return values
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_values):
         weights, *saved = ctx.saved_tensors
         residuals, mixings = saved[: len(ctx.shapes)], saved[len(ctx.shapes) :]
-        scale = weights @ (2 * grad_values)  # d/dR of the weighted sums: 2 R scale
-        grads, start = [], 0
-        with torch.autocast(weights.device.type, enabled=False):
-            for residual, mixing, shape in zip(residuals, mixings, ctx.shapes, strict=True):
-                columns = residual.shape[1]
-                grad = (residual * scale[start : start + columns]).to(mixing.dtype)
-                grads.append((grad @ mixing.T).view(shape))
-                start += columns
-        return None, None, *grads
+        grads = []
+        with _autocast_off(weights.device):
+            scale = weights @ (2 * grad_values.float())  # d/dR of the weighted sums: 2 R scale
+            for residual, mixing, s, shape in zip(residuals, mixings, scale.split(ctx.widths), ctx.shapes, strict=True):  # fmt: skip
+                if residual is None:
+                    grads.append(None)
+                else:
+                    grads.append(((residual * s).to(mixing.dtype) @ mixing.T).view(shape))
+        return None, None, None, *grads
 
 
 def channels_innermost(x: torch.Tensor) -> torch.Tensor:
@@ -274,37 +287,39 @@ def selfreg_loss(
         if name != TEACHER and groups.get(name, (None, None))[1] is not None
     ]
     pooled = pooled_teachers(teacher, scr_sizes)
-    names, plans, memberships = [], [], []
+    names, blocks, memberships = [], [], []
     for name, feature in features.items():
         ifd_group, scr_group = groups.get(name, (None, None))
         if name == TEACHER or (ifd_group is None and scr_group is None):
             continue
         target = pooled[tuple(feature.shape[2:])] if scr_group is not None else None
-        plans.append(block_plan(feature, target, generator, ifd=ifd_group is not None))
+        blocks.append((feature, target, ifd_group is not None))
         names.append(name)
         memberships.append((ifd_group, scr_group))
-    if not plans:
+    if not blocks:
         zero = teacher.new_zeros((), dtype=torch.float32)
         return zero, {"scr": zero, "ifd": zero}
-    # group means: each block's value over its group's size, summed over groups
-    means = np.zeros((len(plans), 2), np.float32)
-    for term in (0, 1):
+    # v = (ifd_0, scr_0, ifd_1, ...) -> (v, IFD and SCR group means summed over
+    # groups, total): one product inside the SelfReg node
+    plans = block_plans(blocks, generator)
+    n = len(plans)
+    combine = np.zeros((2 * n, 2 * n + 3), np.float32)
+    combine[:, : 2 * n] = np.eye(2 * n)
+    for term, lam in ((0, lambda_ifd), (1, lambda_scr)):
         members = [m[term] for m in memberships]
         for i, group in enumerate(members):
             if group is not None:
-                means[i, term] = 1.0 / members.count(group)
-    values = block_values(plans)  # (blocks, 2): ifd, scr
-    means_t = torch.from_numpy(means).to(values.device)
-    lambdas = torch.tensor([lambda_ifd, lambda_scr], dtype=torch.float32, device=values.device)
-    total = (values * (means_t * lambdas)).sum()
-    ifd, scr = (values.detach() * means_t).sum(0).unbind()
+                combine[2 * i + term, 2 * n + term] = 1.0 / members.count(group)
+                combine[2 * i + term, 2 * n + 2] = lam / members.count(group)
+    values = block_values(plans, combine)
+    *each, ifd, scr, _ = values.detach().unbind()
     terms = {"scr": scr, "ifd": ifd}
-    each = values.detach().view(-1).unbind()  # ifd, scr of block 0, of block 1, ...
     for i, (name, (ifd_group, scr_group)) in enumerate(zip(names, memberships, strict=True)):
         if ifd_group is not None:
             terms[f"ifd/{name}"] = each[2 * i]
         if scr_group is not None:
             terms[f"scr/{name}"] = each[2 * i + 1]
+    total = values[-1]
     return total, terms
 
 

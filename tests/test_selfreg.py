@@ -210,6 +210,33 @@ def test_selfreg_loss_values_and_gradients_match_plain_autograd(dims):
     assert ours_in["enc2"].grad.abs().sum() > 0  # SCR still reaches the one-channel block
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selfreg_loss_inside_autocast_matches_outside(dtype):
+    """Inside bf16 autocast (where losses are usually computed) the values and the
+    gradients are those computed outside it, in float32 on the given features, with
+    the backward run inside autocast too; a frozen block gets no gradient."""
+    torch.manual_seed(2)
+    shapes = {"enc1": (6, 8), "bottleneck": (8, 4), "dec1": (4, 8), "final": (4, 16)}
+    feats = {k: torch.randn(2, c, s, s).to(dtype) for k, (c, s) in shapes.items()}
+
+    def run(inside: bool):
+        leaves = {k: v.clone().requires_grad_(k in ("enc1", "dec1")) for k, v in feats.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+            total, terms = selfreg_loss(leaves, generator=torch.Generator().manual_seed(0))
+            total.backward()
+        return total, terms, leaves
+
+    (total_out, terms_out, out), (total_in, terms_in, inside) = run(False), run(True)
+    assert total_in.dtype == torch.float32
+    assert total_in.item() == pytest.approx(total_out.item(), rel=1e-6)
+    for name, value in terms_out.items():
+        assert terms_in[name].item() == pytest.approx(value.item(), rel=1e-6), name
+    for name in ("enc1", "dec1"):
+        assert inside[name].grad.dtype == dtype
+        torch.testing.assert_close(inside[name].grad, out[name].grad)
+    assert inside["bottleneck"].grad is None and terms_in["ifd/bottleneck"] > 0
+
+
 def test_pooled_teachers_equal_pooling_the_full_teacher():
     """Sizes pooled from an intermediate (12x8x8 -> 6x4x4 -> 3x2x2) or, when no exact
     intermediate exists (5x3x3), from the teacher itself."""
