@@ -198,11 +198,16 @@ _heap_lock = threading.Lock()
 _heap_jobs = 0
 
 
+_TUNED = ("mmap_threshold", "trim_threshold", "top_pad")  # what the user may have set
+
+
 def _glibc():
-    """The C library when it is glibc and the user has not tuned malloc, else None."""
+    """The C library when it is glibc and the user has not tuned what we set, else None."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None
-    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if any(f"MALLOC_{name.upper()}_" in os.environ or f"glibc.malloc.{name}" in tunables
+           for name in _TUNED):  # fmt: skip
         return None
     try:
         return ctypes.CDLL("libc.so.6")
@@ -219,9 +224,10 @@ def reuse_freed_memory():
     and every predictor tile faulted its activations in again, page by page (here
     12 % of a 3D training step, 24 % of whole-volume inference). Inside, blocks up
     to 32 MiB come from the heap and the heap is not trimmed; when the last job ends
-    the free memory goes back to the kernel (``malloc_trim``) and the trim threshold
-    is left where glibc's adaptive one ends (64 MiB). Other C libraries, or
-    ``MALLOC_*_THRESHOLD_`` set by the user: no change.
+    the free memory goes back to the kernel (``malloc_trim``), the trim threshold is
+    left where glibc's adaptive one ends (64 MiB) and the mmap threshold at 32 MiB
+    (glibc's adaptive one cannot be switched back on). Other C libraries, or these
+    settings made by the user (``MALLOC_*_`` variables, ``GLIBC_TUNABLES``): no change.
     """
     global _heap_jobs
     libc = _glibc()

@@ -21,7 +21,11 @@ pytestmark = pytest.mark.usefixtures("selfreg_home")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_torchrun_two_cpu_processes_keep_identical_replicas(tmp_path):
+@pytest.mark.parametrize("form", ["installed", "checkout"])
+def test_torchrun_two_cpu_processes_keep_identical_replicas(tmp_path, form):
+    """The README's command (``--no-python``: torchrun starts the installed command)
+    and its plain form from the repository root (``python napari-selfreg``: the
+    launcher file there)."""
     for sub in ("images", "labels"):
         (tmp_path / sub).mkdir()
     for i in range(2):
@@ -29,16 +33,22 @@ def test_torchrun_two_cpu_processes_keep_identical_replicas(tmp_path):
         nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "images" / f"c{i}.nii.gz")
         nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "labels" / f"c{i}.nii.gz")
     out = tmp_path / "runs" / "ddp"
-    # the command of the README, from the repository root (torchrun runs
-    # `python napari-selfreg ...`: the launcher file there)
+    launch = ["--no-python"] if form == "installed" else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "napari-selfreg", "train", "--images", str(tmp_path / "images"),
+           *launch, "napari-selfreg", "train", "--images", str(tmp_path / "images"),
            "--labels", str(tmp_path / "labels"), "--out", str(out), "--arch", "unet3d",
            "--channels", "4", "8", "16", "--patch", "16", "16", "16", "--batch-size", "1",
            "--iterations", "3", "--val-fraction", "0", "--precision", "fp32", "--quiet",
            "--seed", "0"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    bin_dir = Path(sys.executable).parent  # where the installed command is
+    assert (bin_dir / "napari-selfreg").exists()
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }
+    cwd = tmp_path if form == "installed" else REPO  # no launcher file in tmp_path
+    run = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1] == str(out)  # rank 0 prints, once
     assert run.stdout.count(str(out)) == 1

@@ -170,7 +170,34 @@ def _needs_glibc():
     return libc
 
 
-def test_reuse_freed_memory_keeps_pages_and_gives_them_back_after_the_last_job():
+@pytest.fixture
+def glibc_after_test():
+    """Leave malloc as a finished job leaves it, also when a test stops half-way."""
+    yield
+    libc = dev._glibc()
+    if libc is not None:
+        libc.mallopt(dev._M_MMAP_THRESHOLD, dev._MMAP_THRESHOLD_MAX)
+        libc.mallopt(dev._M_TRIM_THRESHOLD, dev._AFTER_JOBS)
+        libc.mallopt(dev._M_TOP_PAD, dev._DEFAULT_TOP_PAD)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("MALLOC_TRIM_THRESHOLD_", "1000000"), ("MALLOC_TOP_PAD_", "0"),
+     ("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=65536")],
+)  # fmt: skip
+def test_reuse_freed_memory_leaves_malloc_settings_of_the_user_alone(monkeypatch, name, value):
+    _needs_glibc()
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # a setting we do not touch: still on
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert dev._glibc() is not None
+    monkeypatch.setenv(name, value)
+    assert dev._glibc() is None
+
+
+def test_reuse_freed_memory_keeps_pages_and_gives_them_back_after_the_last_job(
+    glibc_after_test,
+):
     libc = _needs_glibc()
     _glibc_start_values(libc)
     control = sum(_fault_rounds()[3:])  # freed blocks fault in again, round after round
@@ -183,7 +210,7 @@ def test_reuse_freed_memory_keeps_pages_and_gives_them_back_after_the_last_job()
     assert held - released > 48
 
 
-def test_reuse_freed_memory_in_a_worker_thread():
+def test_reuse_freed_memory_in_a_worker_thread(glibc_after_test):
     """The widgets run jobs in threads, whose memory comes from glibc's per-thread heaps."""
     libc = _needs_glibc()
     result = {}

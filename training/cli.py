@@ -77,8 +77,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         description="Train a model on image/label files matched by name. Writes the best "
         "model to OUT (model.safetensors + model.json) and keeps best/last checkpoints in "
         "OUT.checkpoints/ (--resume continues from there). Multi-process: "
-        "torchrun --standalone --nproc_per_node=N napari-selfreg train ... (from the "
-        "repository root; elsewhere add --no-python after the torchrun options)",
+        "torchrun --standalone --nproc_per_node=N --no-python napari-selfreg train ... "
+        "(from the repository root, --no-python may be left out)",
     )
     tr.add_argument("--images", required=True, help="folder of image files")
     tr.add_argument("--labels", required=True, help="folder of label files (same names)")
