@@ -135,7 +135,7 @@ def default_arch_ratio(threads: int, log) -> dict[str, dict[str, float]]:
     out = {}
     image, labels, _ = data.load_mni152(2)
     cases = [case_from_arrays(image, labels, name="mni152")]
-    for name, arch, patch, batch in (("unet3d default (16-256), 64^3 x 2", "unet3d", (64, 64, 64), 2),
+    for name, arch, patch, batch in (("unet3d default (16-192), 64^3 x 2", "unet3d", (64, 64, 64), 2),
                                      ("unet2d default (64-512), 128^2 x 4", "unet2d", (128, 128), 4)):  # fmt: skip
         setting = {"arch": arch, "patch": patch, "batch": batch, "classes": ["bg", "gm", "wm"]}
         out[name] = step_ratio(setting, cases, threads, steps=8, default_channels=True)
