@@ -226,8 +226,8 @@ def reuse_freed_memory():
     to 32 MiB come from the heap and the heap is not trimmed; when the last job ends
     the free memory goes back to the kernel (``malloc_trim``), the trim threshold is
     left where glibc's adaptive one ends (64 MiB) and the mmap threshold at 32 MiB
-    (glibc's adaptive one cannot be switched back on). Other C libraries, or these
-    settings made by the user (``MALLOC_*_`` variables, ``GLIBC_TUNABLES``): no change.
+    (glibc's adaptive one cannot be switched back on). Other C libraries, or one of
+    the three set by the user (``MALLOC_<NAME>_`` or ``GLIBC_TUNABLES``): no change.
     """
     global _heap_jobs
     libc = _glibc()

@@ -174,11 +174,8 @@ def _needs_glibc():
 def glibc_after_test():
     """Leave malloc as a finished job leaves it, also when a test stops half-way."""
     yield
-    libc = dev._glibc()
-    if libc is not None:
-        libc.mallopt(dev._M_MMAP_THRESHOLD, dev._MMAP_THRESHOLD_MAX)
-        libc.mallopt(dev._M_TRIM_THRESHOLD, dev._AFTER_JOBS)
-        libc.mallopt(dev._M_TOP_PAD, dev._DEFAULT_TOP_PAD)
+    with dev.reuse_freed_memory():  # its exit sets what a finished job leaves
+        pass
 
 
 @pytest.mark.parametrize(
