@@ -111,3 +111,41 @@ def test_builders_without_a_class_annotation_are_not_refused(monkeypatch):
     assert registry.architecture_options("strict3d") == ["channels"]
     with pytest.raises(ValueError, match="strict3d has no option 'norm'"):
         registry.build("strict3d", norm="batch")
+
+
+def _bf16_weight_grad_on_dirty_memory(conv, x):
+    """Weight gradient under CPU bf16 autocast after freed memory was filled with 1e3
+    (kept mapped as the predictor and trainer keep it, so new tensors reuse it)."""
+    from napari_selfreg.device import reuse_freed_memory
+
+    with reuse_freed_memory():
+        dirty = [torch.full((n,), 1e3) for n in (1 << 14, 1 << 16, 1 << 18, 1 << 20)]
+        del dirty
+        conv.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            conv(x).float().square().sum().backward()
+    return conv.weight.grad.clone()
+
+
+@pytest.mark.parametrize("kernel, depth", [(3, 2), (5, 3), (5, 4), (3, 8)])
+def test_conv3d_weight_gradient_is_right_when_input_is_shallower_than_kernel(kernel, depth):
+    # PyTorch's CPU bf16 weight gradient reads uninitialised memory at such depths
+    # (16 channels: with 8 or fewer oneDNN takes another, correct kernel)
+    from napari_selfreg.models.layers import Conv3d
+
+    torch.manual_seed(0)
+    conv = Conv3d(16, 16, kernel, padding=kernel // 2)
+    x = torch.randn(2, 16, depth, 6, 6)
+    conv(x).square().sum().backward()  # float32 reference
+    reference = conv.weight.grad.clone()
+    for _ in range(4):
+        grad = _bf16_weight_grad_on_dirty_memory(conv, x)
+        error = (grad - reference).abs().max() / reference.abs().max()
+        assert error < 0.03, f"weight gradient off by {float(error):.3g} of its largest value"
+
+
+@pytest.mark.parametrize("name", ["unet3d", "missu3d"])
+def test_3d_models_use_the_guarded_conv3d(name):
+    net = _tiny(name)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(type(m) is models.layers.Conv3d for m in convs)

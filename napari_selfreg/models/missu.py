@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from ..distill import distillation_loss, level_pairs
 from . import FeatureInfo, register_model
+from .layers import Conv3d
 from .unet import crop_to, pad_to_multiple
 
 
@@ -70,10 +71,10 @@ class ResBlock(nn.Module):
         self.body = nn.Sequential(
             group_norm(channels),
             nn.ReLU(inplace=True),
-            nn.Conv3d(channels, channels, 3, padding=1),
+            Conv3d(channels, channels, 3, padding=1),
             group_norm(channels),
             nn.ReLU(inplace=True),
-            nn.Conv3d(channels, channels, 3, padding=1),
+            Conv3d(channels, channels, 3, padding=1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,9 +86,9 @@ class DecoderLevel(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
-        self.reduce = nn.Conv3d(in_ch, out_ch, 1)
+        self.reduce = Conv3d(in_ch, out_ch, 1)
         self.up = nn.ConvTranspose3d(out_ch, out_ch, 2, stride=2)
-        self.fuse = nn.Conv3d(2 * out_ch, out_ch, 1)
+        self.fuse = Conv3d(2 * out_ch, out_ch, 1)
         self.block = ResBlock(out_ch)
 
     def forward(self, y: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -108,11 +109,11 @@ class LMSF(nn.Module):
             nn.Sequential(
                 group_norm(channels),
                 nn.ReLU(),
-                nn.Conv3d(channels, channels, 3, padding=d, dilation=d),
+                Conv3d(channels, channels, 3, padding=d, dilation=d),
             )
             for d in dilations
         )
-        self.project = nn.Conv3d(channels * (len(dilations) + 1), channels, 1)
+        self.project = Conv3d(channels * (len(dilations) + 1), channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [x]
@@ -190,9 +191,9 @@ class MISSU(nn.Module):
             "kd_tau": self.kd_tau, "lmsf_weight": self.lmsf_weight,
         }  # fmt: skip
 
-        self.init_conv = nn.Conv3d(in_channels, channels[0], 3, padding=1)
+        self.init_conv = Conv3d(in_channels, channels[0], 3, padding=1)
         self.down = nn.ModuleList(
-            nn.Conv3d(channels[i - 1], channels[i], 3, stride=2, padding=1) for i in range(1, n)
+            Conv3d(channels[i - 1], channels[i], 3, stride=2, padding=1) for i in range(1, n)
         )
         self.stages = nn.ModuleList(
             nn.Sequential(*(ResBlock(c) for _ in range(b)))
@@ -201,7 +202,7 @@ class MISSU(nn.Module):
         self.tokenizer = nn.Sequential(
             group_norm(channels[-1]),
             nn.ReLU(inplace=True),
-            nn.Conv3d(channels[-1], embed_dim, 3, padding=1),
+            Conv3d(channels[-1], embed_dim, 3, padding=1),
         )
         grid = [-(-s // self.divisor) for s in img_size]
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *grid))
@@ -217,20 +218,20 @@ class MISSU(nn.Module):
         self.detokenizer = nn.Sequential(
             group_norm(embed_dim),
             nn.ReLU(inplace=True),
-            nn.Conv3d(embed_dim, channels[-1], 3, padding=1),
+            Conv3d(embed_dim, channels[-1], 3, padding=1),
             group_norm(channels[-1]),
             nn.ReLU(inplace=True),
-            nn.Conv3d(channels[-1], channels[-1], 3, padding=1),
+            Conv3d(channels[-1], channels[-1], 3, padding=1),
             ResBlock(channels[-1]),
         )
         self.decoder = nn.ModuleList(
             DecoderLevel(channels[k], channels[k - 1]) for k in range(n - 1, 0, -1)
         )
         self.final_norm = nn.Sequential(group_norm(channels[0]), nn.ReLU(inplace=True))
-        self.head = nn.Conv3d(channels[0], num_classes, 1)
+        self.head = Conv3d(channels[0], num_classes, 1)
         if self.training_modules:
             self.lmsf = nn.ModuleList(LMSF(c) for c in channels[:-1])
-            self.aux_heads = nn.ModuleList(nn.Conv3d(c, num_classes, 1) for c in channels[:-1])
+            self.aux_heads = nn.ModuleList(Conv3d(c, num_classes, 1) for c in channels[:-1])
 
         info = [FeatureInfo("enc1", channels[0], 1)]
         for k in range(1, n - 1):

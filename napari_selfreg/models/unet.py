@@ -10,8 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import FeatureInfo, register_model
+from .layers import Conv3d
 
-_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_CONV = {2: nn.Conv2d, 3: Conv3d}
 _CONV_T = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _INTERP = {2: "bilinear", 3: "trilinear"}
