@@ -149,3 +149,30 @@ def test_3d_models_use_the_guarded_conv3d(name):
     net = _tiny(name)
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
     assert convs and all(type(m) is models.layers.Conv3d for m in convs)
+
+
+@pytest.mark.parametrize("name", models.available())
+def test_bf16_gradients_do_not_depend_on_old_memory(name):
+    """Training gradients under CPU bf16 autocast are the same whatever the reused memory
+    held before (these inputs put deep levels of the tiny 3D models at depth 2)."""
+    from napari_selfreg.device import reuse_freed_memory
+
+    torch.manual_seed(0)
+    model = _tiny(name).train()
+    for shape in [(64, 64)] if model.spatial_dims == 2 else [(8, 16, 16), (16, 16, 16)]:
+        x = torch.randn(2, 2, *shape)
+        y = torch.randint(0, 3, (2, *shape))
+        runs = []
+        with reuse_freed_memory():
+            for fill in (0.0, 1e3, float("nan")):
+                dirty = [torch.full((n,), fill) for n in (1 << 14, 1 << 16, 1 << 18, 1 << 20)]
+                del dirty
+                model.zero_grad(set_to_none=True)
+                torch.manual_seed(1)  # the same dropout masks
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits = model(x)
+                torch.nn.functional.cross_entropy(logits.float(), y).backward()
+                runs.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})  # fmt: skip
+        for pname, grad in runs[0].items():
+            for other in runs[1:]:
+                assert torch.equal(other[pname], grad), f"{shape}: gradient of {pname} depends on old memory"  # fmt: skip
