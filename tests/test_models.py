@@ -113,14 +113,19 @@ def test_builders_without_a_class_annotation_are_not_refused(monkeypatch):
         registry.build("strict3d", norm="batch")
 
 
+def _dirty_freed_memory(fill: float) -> None:
+    """Leave freed blocks holding ``fill``: inside ``reuse_freed_memory`` (as the
+    predictor and the trainer run) the next tensors reuse them as they are."""
+    dirty = [torch.full((n,), fill) for n in (1 << 14, 1 << 16, 1 << 18, 1 << 20)]
+    del dirty
+
+
 def _bf16_weight_grad_on_dirty_memory(conv, x):
-    """Weight gradient under CPU bf16 autocast after freed memory was filled with 1e3
-    (kept mapped as the predictor and trainer keep it, so new tensors reuse it)."""
+    """Weight gradient under CPU bf16 autocast after freed memory was filled with 1e3."""
     from napari_selfreg.device import reuse_freed_memory
 
     with reuse_freed_memory():
-        dirty = [torch.full((n,), 1e3) for n in (1 << 14, 1 << 16, 1 << 18, 1 << 20)]
-        del dirty
+        _dirty_freed_memory(1e3)
         conv.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             conv(x).float().square().sum().backward()
@@ -165,8 +170,7 @@ def test_bf16_gradients_do_not_depend_on_old_memory(name):
         runs = []
         with reuse_freed_memory():
             for fill in (0.0, 1e3, float("nan")):
-                dirty = [torch.full((n,), fill) for n in (1 << 14, 1 << 16, 1 << 18, 1 << 20)]
-                del dirty
+                _dirty_freed_memory(fill)
                 model.zero_grad(set_to_none=True)
                 torch.manual_seed(1)  # the same dropout masks
                 with torch.autocast("cpu", dtype=torch.bfloat16):
