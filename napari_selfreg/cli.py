@@ -250,7 +250,8 @@ def run_with_progress(predictor, volume, label: str, quiet: bool):
     """Drain ``predictor.iter_segment`` with a tqdm bar; fallbacks are printed."""
     from tqdm import tqdm
 
-    gen = predictor.iter_segment(volume.data, spacing=volume.spacing)
+    affine = volume.affine if volume.ndim == 3 else None  # reorients to the model's order
+    gen = predictor.iter_segment(volume.data, spacing=volume.spacing, affine=affine)
     with tqdm(desc=label, unit="tile", disable=True if quiet else None, file=sys.stderr) as bar:
         while True:
             try:

@@ -51,6 +51,10 @@ class ModelCard:
             ``{"method": "percentile", "low": 0.5, "high": 99.5}``.
         patch_size: training / default inference tile (array axis order).
         spacing: voxel spacing in mm the model expects (None: any).
+        orientation: nibabel axis codes of the array axes the model was trained in
+            (``"RAS"``: the first axis runs towards the right, the second anterior, the
+            third superior); the predictor reorients a volume with a known affine to
+            it and back. None: arrays as stored.
         description: free text (what it segments, recipe, caveats).
         training: training summary (recipe, data, iterations, split, seed...).
         metrics: validation metrics, e.g. ``{"dice": {"grey matter": 0.93}}``.
@@ -66,6 +70,7 @@ class ModelCard:
     normalization: dict[str, Any] = field(default_factory=lambda: {"method": "zscore"})
     patch_size: list[int] | None = None
     spacing: list[float] | None = None
+    orientation: str | None = None
     description: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)

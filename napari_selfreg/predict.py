@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import geometry
 from .device import (
     autocast,
     precision_name,
@@ -343,12 +344,12 @@ class Predictor:
         return self._flops[key]
 
     # ------------------------------------------------------------------ public API
-    def segment(self, image, spacing=None, mask=None, out=None) -> SegmentationResult:
+    def segment(self, image, spacing=None, mask=None, out=None, affine=None) -> SegmentationResult:
         """Run :meth:`iter_segment` to the end and return its result."""
-        return drain(self.iter_segment(image, spacing=spacing, mask=mask, out=out))
+        return drain(self.iter_segment(image, spacing=spacing, mask=mask, out=out, affine=affine))
 
     def iter_segment(
-        self, image, spacing: Sequence[float] | None = None, mask=None, out=None
+        self, image, spacing: Sequence[float] | None = None, mask=None, out=None, affine=None
     ) -> Generator[Progress, None, SegmentationResult]:
         """Segment ``image``, yielding :class:`Progress`; returns a :class:`SegmentationResult`.
 
@@ -361,9 +362,21 @@ class Predictor:
                 without mask voxels are skipped, labels outside it are background.
             out: optional zarr folder for the labels (+ probabilities / uncertainty);
                 it is written under a temporary name and appears only when complete.
+            affine: voxel-to-world matrix ``(4, 4)`` of a 3D volume. It gives the spacing
+                (unless ``spacing`` is passed) and, when the card names an
+                ``orientation``, the volume is brought to it (transposes and flips)
+                and the results back to the stored order.
         """
         t0 = time.perf_counter()
         yield Progress(0, 0, "prepare", "checking and normalising the input")
+        turn = self._reorientation(image, affine, out)
+        if affine is not None and spacing is None:
+            spacing = geometry.spacing_from_affine(affine)
+        if turn is not None:
+            lead = self.in_channels > 1
+            image = turn.apply(image, lead=int(lead))
+            mask = None if mask is None else turn.apply(mask)
+            spacing = None if spacing is None else turn.spacing(spacing)
         streaming = out is not None or _is_lazy(image)
         with reuse_freed_memory():
             work = _Work(self, image, spacing, mask, streaming)
@@ -376,6 +389,38 @@ class Predictor:
                 sink.abort()
                 raise
         result.info = {**work.info, **info, "seconds": round(time.perf_counter() - t0, 3)}
+        if turn is not None:
+            result = self._restore_order(result, turn)
+        return result
+
+    def _reorientation(self, image, affine, out) -> geometry.Reorientation | None:
+        """How to bring ``image`` to the card's orientation, or None (already there / unknown)."""
+        target = getattr(self.card, "orientation", None)
+        spatial = np.ndim(image) - (1 if self.in_channels > 1 else 0)
+        if affine is None or not target or spatial != 3:
+            return None
+        turn = geometry.reorientation(affine, target)
+        if turn.identity:
+            return None
+        if out is not None:
+            raise ValueError(
+                f"the volume is stored {turn.source} and the model works in {turn.target}; "
+                "streaming into a zarr folder keeps the stored order: reorient the volume "
+                "first, or segment it in memory"
+            )
+        return turn
+
+    @staticmethod
+    def _restore_order(result: SegmentationResult, turn: geometry.Reorientation):
+        """Results in the model's order -> the stored order (contiguous copies)."""
+
+        def back(a, lead=0):
+            return None if a is None else np.ascontiguousarray(turn.undo(np.asarray(a), lead))
+
+        result.labels = back(result.labels)
+        result.probabilities = back(result.probabilities, lead=1)
+        result.uncertainty = back(result.uncertainty)
+        result.info["orientation"] = {"stored": turn.source, "model": turn.target}
         return result
 
     # ------------------------------------------------------------------ the sliding window
@@ -783,14 +828,20 @@ def _zarr_outputs(path: Path, specs: dict) -> dict:
 # ----------------------------------------------------------------------------- module-level API
 
 
-def iter_segment(image, model=None, spacing=None, mask=None, out=None, **options):
+def iter_segment(image, model=None, spacing=None, mask=None, out=None, affine=None, **options):
     """Generator form: ``Predictor(model, **options).iter_segment(image, ...)``."""
-    return Predictor(model, **options).iter_segment(image, spacing=spacing, mask=mask, out=out)
+    return Predictor(model, **options).iter_segment(
+        image, spacing=spacing, mask=mask, out=out, affine=affine
+    )
 
 
-def segment(image, model=None, spacing=None, mask=None, out=None, **options) -> SegmentationResult:
+def segment(
+    image, model=None, spacing=None, mask=None, out=None, affine=None, **options
+) -> SegmentationResult:
     """Segment ``image`` with ``model`` (default: the bundled model); see :class:`Predictor`."""
-    return Predictor(model, **options).segment(image, spacing=spacing, mask=mask, out=out)
+    return Predictor(model, **options).segment(
+        image, spacing=spacing, mask=mask, out=out, affine=affine
+    )
 
 
 __all__ = [

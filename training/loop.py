@@ -110,6 +110,9 @@ class Trainer(CardMixin):
         validation_cases: validate on these instead of the split's validation cases
             (fine-tuning: the voxels the user reviewed; a case's weight 0 leaves a voxel
             out of the Dice).
+        patch_source: ``factory(rng) -> sampler`` whose ``sample(batch_size)`` returns
+            training patches like :class:`PatchSampler` (synthetic data,
+            ``synthesis.SyntheticPatches``); then every case validates.
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class Trainer(CardMixin):
         new_version: bool = False,
         extra_training: dict[str, Any] | None = None,
         validation_cases: list[Case] | None = None,
+        patch_source: Callable[[np.random.Generator], Any] | None = None,
     ):
         if not cases:
             raise TrainingError("no training data")
@@ -142,6 +146,7 @@ class Trainer(CardMixin):
         self.new_version = new_version
         self.extra_training = extra_training or {}
         self.validation_cases = validation_cases
+        self.patch_source = patch_source
         if self.out.exists() and not new_version:
             raise TrainingError(
                 f"model {self.out} exists; models are never overwritten - choose another --out"
@@ -185,9 +190,13 @@ class Trainer(CardMixin):
         self.num_classes = len(self.class_names)
         check_classes([c.labels for c in self.cases], self.num_classes)
         # split
-        if not self.resume:
-            self.split = cfg.split or make_split(self.cases, cfg.val_fraction, cfg.seed)
-        self.train_cases, self.val_cases = apply_split(self.cases, self.split)
+        if self.patch_source is not None:  # generated training data; the cases validate
+            self.split = {"train": ["generated"], "val": sorted(c.name for c in self.cases)}
+            self.train_cases, self.val_cases = [], list(self.cases)
+        else:
+            if not self.resume:
+                self.split = cfg.split or make_split(self.cases, cfg.val_fraction, cfg.seed)
+            self.train_cases, self.val_cases = apply_split(self.cases, self.split)
         if self.validation_cases is not None:
             self.val_cases = list(self.validation_cases)
         # network
@@ -244,10 +253,13 @@ class Trainer(CardMixin):
         tgen = torch.Generator().manual_seed(int(np.random.default_rng(seed).integers(2**62)))
         dims = getattr(self.net, "spatial_dims", len(cfg.patch_size))
         self.dims = dims
-        self.sampler = PatchSampler(
-            self.train_cases, cfg.patch_size, dims, slice_axis=cfg.slice_axis,
-            fg_fraction=cfg.fg_fraction, focus_fraction=cfg.focus_fraction, rng=self.rng,
-        )  # fmt: skip
+        if self.patch_source is not None:
+            self.sampler = self.patch_source(self.rng)
+        else:
+            self.sampler = PatchSampler(
+                self.train_cases, cfg.patch_size, dims, slice_axis=cfg.slice_axis,
+                fg_fraction=cfg.fg_fraction, focus_fraction=cfg.focus_fraction, rng=self.rng,
+            )  # fmt: skip
         self.augment = Augmenter(dims, tgen) if cfg.augment else None
         self.loss = SelfRegLoss(
             SegmentationLoss(cfg.ce_weight, cfg.dice_weight),

@@ -36,6 +36,7 @@ from ._common import (
     labels_colormap,
     layer_spacing,
     layer_transform,
+    layer_world_matrix,
     unwrap,
     user_error,
     warn,
@@ -50,9 +51,16 @@ SOURCE_KEYS = ("selfreg_volume",)  # image metadata copied to the labels (affine
 
 
 def segment_job(
-    image: Any, spacing: tuple[float, ...] | None, model_path: Path, options: dict[str, Any]
+    image: Any,
+    spacing: tuple[float, ...] | None,
+    model_path: Path,
+    options: dict[str, Any],
+    affine: np.ndarray | None = None,
 ) -> Generator[Any, None, tuple[Any, Path, Any]]:
     """Worker body: build the predictor and run ``iter_segment`` on ``image``.
+
+    ``affine`` is the layer's data-to-world matrix (a 3D volume is reoriented to the
+    model's order and back).
 
     Returns:
         ``(card, model_path, SegmentationResult)``.
@@ -61,7 +69,7 @@ def segment_job(
 
     yield Progress(0, 0, "prepare", f"Loading model {model_path.name}…")
     predictor = Predictor(model_path, **options)
-    result = yield from predictor.iter_segment(image, spacing=spacing)
+    result = yield from predictor.iter_segment(image, spacing=spacing, affine=affine)
     return predictor.card, model_path, result
 
 
@@ -223,6 +231,7 @@ class SegmentWidget(QWidget):
             spacing,
             model_path,
             self.options(),
+            layer_world_matrix(layer) if data.ndim == 3 else None,
             on_return=self._add_result,
             watch=[layer],
             what="segmentation",
