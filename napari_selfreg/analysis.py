@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .jobs import drain
+from .jobs import Progress, drain
 
 CACHE_SIZE = 4
 DEFAULT_PATCH = {2: 256, 3: 96}
@@ -571,14 +571,12 @@ def iter_inspect(
     precision="fp32",
     draws: int = 4,
 ) -> Generator[Any, None, list[ModelInspection]]:
-    """Everything the inspector shows, for one or two models; yields ``predict.Progress``.
+    """Everything the inspector shows, for one or two models; yields ``jobs.Progress``.
 
     Returns (as ``StopIteration.value``) one :class:`ModelInspection` per bundle.
     Cancelling between yields leaves nothing half-done.
     """
     import torch
-
-    from .predict import Progress
 
     steps = [len(b.network.feature_info) + 2 + int(cam) for b in bundles]
     total, done = sum(steps), 0

@@ -247,23 +247,17 @@ def cmd_segment(args) -> int:
 
 
 def run_with_progress(predictor, volume, label: str, quiet: bool):
-    """Drain ``predictor.iter_segment`` with a tqdm bar; fallbacks are printed."""
-    from tqdm import tqdm
+    """Drain ``predictor.iter_segment`` with the CLI's progress printer."""
+    from .jobs import ProgressPrinter, drain
 
     affine = volume.affine if volume.ndim == 3 else None  # reorients to the model's order
-    gen = predictor.iter_segment(volume.data, spacing=volume.spacing, affine=affine)
-    with tqdm(desc=label, unit="tile", disable=True if quiet else None, file=sys.stderr) as bar:
-        while True:
-            try:
-                event = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            if event.stage == "fallback":
-                tqdm.write(f"{PROG}: {event.message}", file=sys.stderr)
-            if event.total:
-                bar.total = event.total
-                bar.n = event.done
-                bar.refresh()
+    printer = ProgressPrinter(label, quiet)
+    try:
+        return drain(
+            predictor.iter_segment(volume.data, spacing=volume.spacing, affine=affine), printer
+        )
+    finally:
+        printer.close()
 
 
 # ----------------------------------------------------------------------------- other commands

@@ -46,21 +46,11 @@ from .device import (
     resolve_precision,
     reuse_freed_memory,
 )
-from .jobs import drain
+from .jobs import Progress, drain
 
 DEFAULT_TILE = {3: (96, 96, 96), 2: (256, 256)}
 _LOW_PRECISION_MODULES = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 SLAB_BYTES = 768 * 2**20  # per-slab budget: logits + weights + input, float32
-
-
-@dataclass
-class Progress:
-    """A progress event: ``done`` of ``total`` tiles, the stage and an optional message."""
-
-    done: int
-    total: int
-    stage: str = "tiles"  # prepare | tiles | fallback | finish
-    message: str = ""
 
 
 @dataclass

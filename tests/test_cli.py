@@ -149,9 +149,10 @@ def test_info_models_and_sample(tiny_model, tmp_path, capsys):
     assert code == 0 and f"torch {torch.__version__}" in out and "CPU bf16" in out
     code, out, _ = run(capsys, "models", "--json")
     rows = json.loads(out)
-    assert code == 0 and [r["name"] for r in rows] == ["brain-tissue-unet3d", "tiny"]
-    assert rows[1]["classes"] == ["background", "outer", "inner"] and rows[1]["source"] == "user"
-    assert rows[0]["source"] == "bundled"
+    names = [r["name"] for r in rows]
+    assert code == 0 and names == ["brain-tissue-unet3d", "brain-tissue-unet3d-v1", "tiny"]
+    assert rows[2]["classes"] == ["background", "outer", "inner"] and rows[2]["source"] == "user"
+    assert rows[0]["source"] == rows[1]["source"] == "bundled"
     code, out, _ = run(capsys, "models")
     assert "tiny  (user, unet3d, 3 classes)" in out
     code, out, _ = run(capsys, "sample", "phantom", "-o", tmp_path / "samples")

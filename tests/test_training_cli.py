@@ -34,7 +34,7 @@ def test_train_then_segment_then_finetune(folders, capsys):
     assert main(args) == 0
     out, err = capsys.readouterr()
     assert out.strip() == str(model)
-    assert "scr=" in err and "ifd=" in err and "ce=" in err  # the bar shows the loss terms
+    assert "scr " in err and "ifd " in err and "ce " in err  # the progress shows the loss terms
     assert "validation Dice" in err
     assert {p.name for p in model.iterdir()} == {"model.safetensors", "model.json"}
 
@@ -52,7 +52,7 @@ def test_train_then_segment_then_finetune(folders, capsys):
     assert main(args) == 0
     out, err = capsys.readouterr()
     assert out.strip() == str(new)
-    assert "finetune" in err and "total=" in err
+    assert "finetune" in err and "total " in err
     assert {p.name: p.read_bytes() for p in model.iterdir()} == base_files
     assert load_model(new).card.parent == str(model)
 
@@ -114,7 +114,7 @@ def test_arch_options_switch_missu_lmsf_on(folders, capsys):
             "--arch-option", "training_modules=true"]  # fmt: skip
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "kd=" in err and "lmsf_aux=" in err  # MISSU's own terms are trained and shown
+    assert "kd " in err and "lmsf_aux " in err  # MISSU's own terms are trained and shown
     card = load_model(model).card
     assert card.training["config"]["arch_options"]["training_modules"] is True
     # the saved network is the deployed one: no LMSF, the other options as given

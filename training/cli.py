@@ -14,11 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from napari_selfreg.jobs import drain
+from napari_selfreg.jobs import ProgressPrinter, drain
 
-from .config import FinetuneConfig, TrainConfig, TrainEvent, TrainingError
-
-_HIDDEN = ("seg",)  # = ce + dice, shown as those two
+from .config import FinetuneConfig, TrainConfig, TrainingError
 
 
 def _label_map(text: str | None) -> dict[int, int] | None:
@@ -189,42 +187,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-class ProgressPrinter:
-    """tqdm bar over iterations with the loss terms; validation lines above it."""
-
-    def __init__(self, total: int, quiet: bool = False, desc: str = "train"):
-        self.quiet, self.total, self.desc = quiet, total, desc
-        self.bar: Any = None
-
-    def __call__(self, event: TrainEvent) -> None:
-        if self.quiet:
-            return
-        if self.bar is None:  # opened at the first event: set-up errors print alone
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, desc=self.desc, unit="it", file=sys.stderr)
-        if event.kind == "iteration":
-            self.bar.n = event.iteration
-            self.bar.set_postfix(
-                {k: f"{v:.3f}" for k, v in event.losses.items() if k not in _HIDDEN},
-                refresh=True,
-            )
-        elif event.kind == "validation":
-            dice = ", ".join(f"{k} {v:.3f}" for k, v in event.dice.items() if v is not None)
-            self.bar.write(
-                f"[{event.iteration}] validation Dice: {dice} - {event.message}", file=sys.stderr
-            )
-        elif event.kind == "message" and event.message:
-            self.bar.write(event.message, file=sys.stderr)
-        elif event.kind == "done":
-            self.bar.close()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _drain(gen, printer: ProgressPrinter) -> Path:
+def _drain(gen, label: str, quiet: bool) -> Path:
+    printer = ProgressPrinter(label, quiet)
     try:
         return Path(drain(gen, printer))
     finally:
@@ -239,8 +203,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = train_config(args)
     cases = load_folder(args.images, args.labels, config.normalization, config.label_map)
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
-    printer = ProgressPrinter(config.iterations, args.quiet or not rank0, "train")
-    path = _drain(iter_train(config, cases, args.out, resume=args.resume), printer)
+    path = _drain(
+        iter_train(config, cases, args.out, resume=args.resume), "train", args.quiet or not rank0
+    )
     if rank0:
         print(path)
     return 0
@@ -283,9 +248,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         num_threads=args.threads,
         seed=args.seed,
     )
-    printer = ProgressPrinter(args.iterations, args.quiet, "finetune")
     gen = iter_finetune(args.model, image.data, labels.data, changed, config, args.out)
-    print(_drain(gen, printer))
+    print(_drain(gen, "finetune", args.quiet))
     return 0
 
 

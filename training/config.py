@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-EventKind = Literal["iteration", "validation", "checkpoint", "message", "done"]
+from napari_selfreg.jobs import Progress
 
 
 class TrainingError(ValueError):
@@ -210,28 +210,32 @@ class FinetuneConfig:
 
 
 @dataclass
-class TrainEvent:
-    """One progress report of a training or fine-tuning run.
+class TrainEvent(Progress):
+    """One progress report of a training or fine-tuning run: a :class:`~napari_selfreg.jobs.Progress`
+    whose ``stage`` is ``iteration``, ``validation``, ``checkpoint``, ``message`` or
+    ``done``, ``done`` the optimiser steps so far and ``total`` the planned steps.
 
     Attributes:
-        kind: ``iteration``, ``validation``, ``checkpoint``, ``message`` or ``done``.
-        iteration: optimiser steps done so far.
-        total: planned optimiser steps.
         losses: loss terms of this step (``total``, ``seg``, ``ce``, ``dice``,
             ``scr``, ``ifd`` and any model-specific terms), averaged over processes.
         dice: validation Dice per class name (validation and done events).
         lr: learning rate of this step.
         seconds: training time so far.
         model_path: the folder written (checkpoint and done events).
-        message: a sentence for the user (message events, early stop reasons).
     """
 
-    kind: EventKind
-    iteration: int = 0
-    total: int = 0
     losses: dict[str, float] = field(default_factory=dict)
     dice: dict[str, float | None] = field(default_factory=dict)
     lr: float = 0.0
     seconds: float = 0.0
     model_path: Path | None = None
-    message: str = ""
+
+    @property
+    def kind(self) -> str:
+        """The stage (``iteration``, ``validation``, ...)."""
+        return self.stage
+
+    @property
+    def iteration(self) -> int:
+        """Optimiser steps done so far."""
+        return self.done

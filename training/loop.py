@@ -362,7 +362,7 @@ class Trainer(CardMixin):
         start_it = int(self.state["iteration"])
         clock = time.perf_counter() - float(self.state["seconds"])
         yield TrainEvent(
-            "message", start_it, total,
+            start_it, total, "message",
             message=(
                 f"training {len(self.train_cases)} case(s), validating {len(self.val_cases)}; "
                 f"{ctx.world_size} process(es) on {self.device}, {precision_name(self.amp)}"
@@ -387,7 +387,7 @@ class Trainer(CardMixin):
             self.state["seconds"] = time.perf_counter() - clock
             lr = values.pop("lr")
             yield TrainEvent(
-                "iteration", it + 1, total, values, lr=lr, seconds=self.state["seconds"]
+                it + 1, total, "iteration", losses=values, lr=lr, seconds=self.state["seconds"]
             )
             if (it + 1) % cfg.val_every == 0 or it + 1 == total:
                 events, stop = self._validate_and_checkpoint(it + 1, values)
@@ -398,14 +398,14 @@ class Trainer(CardMixin):
                     stop_reason = stop
                     break
         if stop_reason:
-            yield TrainEvent("message", self.state["iteration"], total, message=stop_reason)
+            yield TrainEvent(self.state["iteration"], total, "message", stop_reason)
             if self.state["iteration"] % cfg.val_every != 0 and self.state["iteration"]:
                 events, _ = self._validate_and_checkpoint(self.state["iteration"], {})
                 yield from events
         path, dice = self._publish()
         self.state["seconds"] = time.perf_counter() - clock
         yield TrainEvent(
-            "done", self.state["iteration"], total, dice=dice,
+            self.state["iteration"], total, "done", dice=dice,
             seconds=self.state["seconds"], model_path=path, message=stop_reason,
         )  # fmt: skip
         return path
@@ -428,23 +428,23 @@ class Trainer(CardMixin):
                 self.state["bad_validations"] = int(self.state["bad_validations"]) + 1
             events.append(
                 TrainEvent(
-                    "validation",
                     it,
                     cfg.iterations,
-                    losses,
+                    "validation",
+                    losses=losses,
                     dice=metrics.named(dice, self.class_names),
                     message=f"mean foreground Dice {score:.4f}" + (" (best)" if improved else ""),
                 )  # fmt: skip
             )
             if improved and self.dist.is_main:
                 events.append(
-                    TrainEvent("checkpoint", it, cfg.iterations, model_path=self._save("best"))
+                    TrainEvent(it, cfg.iterations, "checkpoint", model_path=self._save("best"))
                 )
             if cfg.patience and int(self.state["bad_validations"]) >= cfg.patience:
                 stop = f"early stop: no better validation Dice for {cfg.patience} validations"
         if self.dist.is_main:
             events.append(
-                TrainEvent("checkpoint", it, cfg.iterations, model_path=self._save("last"))
+                TrainEvent(it, cfg.iterations, "checkpoint", model_path=self._save("last"))
             )
         return events, stop
 
@@ -460,7 +460,7 @@ class Trainer(CardMixin):
             f"the loss became NaN or infinite at iteration {bad.iteration} ({where}); training "
             f"stopped and {kept}; try a lower learning rate or --precision fp32"
         )
-        yield TrainEvent("message", bad.iteration, self.config.iterations, message=message)
+        yield TrainEvent(bad.iteration, self.config.iterations, "message", message)
         raise NonFiniteLossError(message)
 
     def _checkpoint_iteration(self) -> int | None:

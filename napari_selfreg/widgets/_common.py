@@ -63,6 +63,8 @@ from qtpy.QtWidgets import (
 )
 from superqt.utils import GeneratorWorker
 
+from ..jobs import Progress, TimeLeft, format_seconds
+
 __all__ = [
     "JobPanel",
     "LayerPicker",
@@ -422,6 +424,7 @@ class JobPanel(QWidget):
         self._watch = [unwrap(layer) for layer in watch]
         self._keep_going = keep_going
         self._cancel_reason = ""
+        self._time_left = TimeLeft()
         self.outcome = "running"
         worker = create_worker(
             _guard,
@@ -458,17 +461,19 @@ class JobPanel(QWidget):
         self.worker.quit()
 
     def _on_yield(self, event: Any) -> None:
-        done = getattr(event, "done", getattr(event, "iteration", None))
-        total = getattr(event, "total", None)
-        if isinstance(total, int) and total > 0 and isinstance(done, int):
-            self.progress.setRange(0, total)
-            self.progress.setValue(min(done, total))
-        message = getattr(event, "message", "")
-        if message:
-            self.status.setText(str(message))
-        elif isinstance(total, int) and total > 0:
-            stage = getattr(event, "stage", None) or getattr(event, "kind", None) or "step"
-            self.status.setText(f"{stage} {done} / {total}")
+        if not isinstance(event, Progress):
+            return
+        if event.total > 0:
+            self.progress.setRange(0, event.total)
+            self.progress.setValue(min(event.done, event.total))
+        text = event.message or (
+            f"{event.stage} {event.done} / {event.total}" if event.total else ""
+        )
+        left = self._time_left.update(event)
+        if left is not None and event.done < event.total:
+            text += f" · about {format_seconds(left)} left"
+        if text:
+            self.status.setText(text)
 
     def _on_returned(self, _result: Any) -> None:
         self.outcome = "returned"
