@@ -19,12 +19,14 @@ from napari_selfreg.training import (
     train,
 )
 from napari_selfreg.training.finetune import (
-    correction_weights,
     edit_axis,
     encoder_stages,
     extend_classes,
     finetune,
     freezer,
+    loss_weights,
+    reviewed_region,
+    to_model_grid,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "selfreg_home")
@@ -201,17 +203,80 @@ def test_frozen_batchnorm_uses_its_running_statistics_in_training():
             assert torch.equal(before[key], after[key]), key
 
 
-def test_correction_weights_follow_the_edited_slices():
+def test_reviewed_slices_are_truth_and_the_rest_unknown():
     changed = np.zeros((10, 6, 6), bool)
     changed[2, 1:3, 1:3] = True
     changed[7, 4, 4] = True
     assert edit_axis(changed) == 0
-    w = correction_weights(changed, 5.0, 0.25)
-    assert w[2, 1, 1] == 5.0 and w[2, 5, 5] == 1.0 and w[7, 0, 0] == 1.0 and w[4, 0, 0] == 0.25
+    region = reviewed_region(changed)
+    assert region[2].all() and region[7].all() and not region[[0, 1, 3, 4, 5, 6, 8, 9]].any()
+    w = loss_weights(changed, region, 3.0, 0.0)
+    assert w[2, 1, 1] == 3.0 and w[2, 5, 5] == 1.0 and w[7, 0, 0] == 1.0 and w[4, 0, 0] == 0.0
+    assert loss_weights(changed, region, 3.0, 0.25)[4, 0, 0] == 0.25  # the old behaviour, opt-in
+    # the plane the user painted in wins over the guess; earlier rounds are kept
+    along_y = reviewed_region(changed, axis=1, reviewed=np.eye(10, 6, dtype=bool)[:, :, None] & np.ones(6, bool))  # fmt: skip
+    assert along_y[:, 1].all() and along_y[:, 4].all() and along_y[0, 0].all()
     spread = np.zeros((6, 6, 6), bool)
     spread[np.arange(6), np.arange(6), np.arange(6)] = True
     assert edit_axis(spread) is None
-    assert correction_weights(np.eye(4, dtype=bool), 5.0, 0.25).min() == 1.0  # 2D: all seen
+    np.testing.assert_array_equal(reviewed_region(spread), spread)  # only what changed
+    assert reviewed_region(np.eye(4, dtype=bool)).all()  # 2D: the whole image was seen
+
+
+def test_unreviewed_labels_do_not_change_what_is_learned(tmp_path):
+    base = tiny_base(tmp_path)
+    image, labels = make_phantom((16, 20, 18), 3, seed=0)
+    changed = np.zeros(labels.shape, bool)
+    changed[5, 3:9, 4:10] = True
+    other = labels.copy()
+    other[8:] = 2  # garbage in slices nobody reviewed
+    cfg = FinetuneConfig(iterations=3, seconds_budget=None, precision="fp32", augment=False)
+    a = finetune(base, image, labels, changed, cfg, tmp_path / "a")
+    b = finetune(base, image, other, changed, cfg, tmp_path / "b")
+    wa, wb = load_model(a).network.state_dict(), load_model(b).network.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # with the old behaviour (unreviewed voxels weighted) they do
+    old = FinetuneConfig(iterations=3, seconds_budget=None, precision="fp32", augment=False, unreviewed_weight=0.25)  # fmt: skip
+    c = finetune(base, image, labels, changed, old, tmp_path / "c")
+    d = finetune(base, image, other, changed, old, tmp_path / "d")
+    wc, wd = load_model(c).network.state_dict(), load_model(d).network.state_dict()
+    assert not all(torch.equal(wc[k], wd[k]) for k in wc)
+
+
+def test_scribbles_learn_only_what_is_painted_and_name_new_classes(tmp_path):
+    base = tiny_base(tmp_path)
+    image, truth = make_phantom((16, 20, 18), 3, seed=1)
+    scribbles = np.zeros(truth.shape, np.uint8)
+    scribbles[8, 2:6, 2:6] = 255  # background
+    z1, z2 = (int(np.argmax((truth == c).sum(axis=(1, 2)))) for c in (1, 2))
+    scribbles[z1][truth[z1] == 1] = 1
+    scribbles[z2][truth[z2] == 2] = 3  # a class the model lacks
+    seen = []
+    cfg = FinetuneConfig(iterations=2, precision="fp32", sparse=True, extend_classes=True, new_class_names=["lesion"])  # fmt: skip
+    new = finetune(base, image, scribbles, None, cfg, tmp_path / "s", on_reviewed=seen.append)
+    card = load_model(new).card
+    assert card.class_names == ["background", "c1", "c2", "lesion"]
+    assert len(card.class_colors) == 4 and card.class_colors[3].startswith("#")
+    np.testing.assert_array_equal(seen[0], scribbles != 0)
+    record = card.training["finetune"]
+    assert record["painted_voxels"] == record["reviewed_voxels"] == int((scribbles != 0).sum())
+    with pytest.raises(LabelError, match="scribbles are empty"):
+        finetune(base, image, np.zeros_like(scribbles), None, cfg, tmp_path / "e")
+
+
+def test_volume_reaches_the_model_orientation_and_spacing():
+    card = ModelCard(name="m", architecture="unet3d", options={"num_classes": 2}, class_names=["a", "b"],
+                     spacing=[1.0, 1.0, 1.0], orientation="RAS")  # fmt: skip
+    image = np.arange(4 * 6 * 5, dtype=np.float32).reshape(4, 6, 5)
+    affine = np.array(
+        [[0, 0, -1.0, 0], [2.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]]
+    )  # stored P, S, L at 2 mm along P
+    out, info = to_model_grid(card, affine, {"image": (image, 1), "mask": (image > 50, 0)})
+    assert info["reoriented"] == {"stored": "ASL", "model": "RAS"}
+    assert info["resampled"]["from"] == [1.0, 2.0, 1.0]
+    assert out["image"].shape == (5, 8, 6) and out["mask"].dtype == bool
+    same, none = to_model_grid(card, None, {"image": (image, 1)})
+    assert same["image"] is not None and none == {}
 
 
 def test_cancel_writes_no_model_and_cleans_up(tmp_path):
@@ -221,7 +286,7 @@ def test_cancel_writes_no_model_and_cleans_up(tmp_path):
         base, image, labels, config=FinetuneConfig(iterations=50), out=tmp_path / "x"
     )
     for event in gen:
-        if event.kind == "iteration" and event.iteration == 2:
+        if event.stage == "iteration" and event.done == 2:
             break
     gen.close()
     assert not (tmp_path / "x").exists()
@@ -229,6 +294,18 @@ def test_cancel_writes_no_model_and_cleans_up(tmp_path):
         "selfreg-home",
         "tiny",
     ]  # no temp folders
+
+
+def test_cancel_during_the_first_whole_volume_prediction(tmp_path):
+    base = tiny_base(tmp_path)
+    image, labels = make_phantom((16, 16, 16), 3, seed=0)
+    gen = iter_finetune(
+        base, image, labels, config=FinetuneConfig(iterations=50), out=tmp_path / "x"
+    )
+    stages = [next(gen).stage for _ in range(2)]
+    assert stages == ["prepare", "tiles"]  # the base model's prediction, tile by tile
+    gen.close()
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_model_file_that_is_not_ours(tmp_path):

@@ -112,28 +112,39 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
     ft = subparsers.add_parser(
         "finetune",
-        help="fine-tune a model on corrected labels of one image; writes a new model",
-        description="Fine-tune MODEL on an image and its corrected labels. Writes a new "
-        "model version (OUT, or OUT-v2 if taken) whose card names MODEL as parent; "
-        "MODEL's files are not touched.",
+        help="fine-tune a model on corrected labels or scribbles of one image; writes a new model",
+        description="Fine-tune MODEL on an image and its corrected labels. What you reviewed is "
+        "truth, the rest is unknown: every slice holding a change (along --review-axis, by "
+        "default the axis whose few slices hold the changes) counts as reviewed in full; with "
+        "--sparse only painted voxels are known (0 unpainted, --background-value background). "
+        "Writes a new model version (OUT, or OUT-v2 if taken) whose card names MODEL as "
+        "parent; MODEL's files are not touched.",
     )
+    d = FinetuneConfig()
     ft.add_argument("--model", required=True, help="base model name or folder")
     ft.add_argument("--image", required=True, help="image file")
-    ft.add_argument("--labels", required=True, help="corrected label file")
+    ft.add_argument("--labels", required=True, help="corrected label file (or scribbles with --sparse)")  # fmt: skip
     ft.add_argument("--out", default=None, help="new model folder (default: user models/<model>-ft)")  # fmt: skip
     ft.add_argument("--changed", default=None, help="mask file of corrected voxels (default: labels != the model's prediction)")  # fmt: skip
-    ft.add_argument("--iterations", type=int, default=100, help="optimiser steps (default 100)")
-    ft.add_argument("--seconds", type=float, default=None, help="time budget in seconds")
-    ft.add_argument("--lr", type=float, default=1e-3)
-    ft.add_argument("--freeze", default="none", help="none, encoder or stage:K")
-    ft.add_argument("--corrected-weight", type=float, default=5.0, help="loss weight of corrected voxels")  # fmt: skip
-    ft.add_argument("--lambda-scr", type=float, default=0.015)
-    ft.add_argument("--lambda-ifd", type=float, default=0.015)
+    ft.add_argument("--reviewed", default=None, help="mask file of voxels reviewed in earlier rounds (kept as truth)")  # fmt: skip
+    ft.add_argument("--review-axis", type=int, default=None, choices=[0, 1, 2], help="array axis you painted along (slices along it count as reviewed)")  # fmt: skip
+    ft.add_argument("--save-reviewed", default=None, help="write the reviewed voxels of this round (for --reviewed next round)")  # fmt: skip
+    ft.add_argument("--sparse", action="store_true", help="the labels are scribbles: 0 unknown, background painted as --background-value")  # fmt: skip
+    ft.add_argument("--background-value", type=int, default=d.background_value, help=f"scribble value of background (default {d.background_value})")  # fmt: skip
+    ft.add_argument("--iterations", type=int, default=d.iterations, help=f"optimiser steps (default {d.iterations})")  # fmt: skip
+    ft.add_argument("--seconds", type=float, default=d.seconds_budget, help=f"training time budget in seconds, 0 for none (default {d.seconds_budget:g})")  # fmt: skip
+    ft.add_argument("--lr", type=float, default=d.lr)
+    ft.add_argument("--freeze", default=d.freeze, help="none, encoder or stage:K")
+    ft.add_argument("--corrected-weight", type=float, default=d.corrected_weight, help=f"loss weight of corrected voxels (other reviewed voxels 1; default {d.corrected_weight:g})")  # fmt: skip
+    ft.add_argument("--unreviewed-weight", type=float, default=d.unreviewed_weight, help="loss weight of voxels nobody reviewed (default 0: unknown)")  # fmt: skip
+    ft.add_argument("--lambda-scr", type=float, default=d.lambda_scr)
+    ft.add_argument("--lambda-ifd", type=float, default=d.lambda_ifd)
     ft.add_argument("--extend-classes", action="store_true", help="add classes for new label values")  # fmt: skip
+    ft.add_argument("--class-name", action="append", default=[], help="name of an added class (repeat in order)")  # fmt: skip
     ft.add_argument("--label-map", default=None, help="remap labels, e.g. 4:1")
-    ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--device", default="auto")
-    ft.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    ft.add_argument("--seed", type=int, default=d.seed)
+    ft.add_argument("--device", default=d.device)
+    ft.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp16", "fp32"])
     ft.add_argument("--threads", type=int, default=None)
     ft.add_argument("--quiet", action="store_true")
     ft.set_defaults(func=cmd_finetune)
@@ -215,40 +226,56 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """``napari-selfreg finetune``."""
     import numpy as np
 
-    from napari_selfreg.io import read_volume
+    from napari_selfreg.io import read_volume, write_labels
 
     from .finetune import iter_finetune
 
     image = read_volume(args.image)
     labels = read_volume(args.labels)
-    if image.shape != labels.shape:
-        raise TrainingError(
-            f"image and labels differ in shape ({image.shape} vs {labels.shape}); "
-            "resample the labels onto the image grid"
-        )
+    masks = {}
+    for name, path in (("changed", args.changed), ("reviewed", args.reviewed)):
+        if path:
+            masks[name] = np.asarray(read_volume(path).data) != 0
+    for name, data in (("labels", labels.data), *masks.items()):
+        if np.shape(data) != image.shape:
+            raise TrainingError(
+                f"image and {name} differ in shape ({image.shape} vs {np.shape(data)}); "
+                "resample them onto the image grid"
+            )
     if float(np.max(np.abs(image.affine - labels.affine))) > 1e-3:
         raise TrainingError(
             "image and labels have different affines; they must share one voxel grid"
         )
-    changed = None
-    if args.changed:
-        changed = np.asarray(read_volume(args.changed).data) != 0
     config = FinetuneConfig(
         iterations=args.iterations,
-        seconds_budget=args.seconds,
+        seconds_budget=args.seconds or None,
         lr=args.lr,
         lambda_scr=args.lambda_scr,
         lambda_ifd=args.lambda_ifd,
         freeze=args.freeze,
         corrected_weight=args.corrected_weight,
-        extend_classes=args.extend_classes,
+        unreviewed_weight=args.unreviewed_weight,
+        sparse=args.sparse,
+        background_value=args.background_value,
+        extend_classes=args.extend_classes or bool(args.class_name),
+        new_class_names=args.class_name or None,
         label_map=_label_map(args.label_map),
         precision=args.precision,
         device=args.device,
         num_threads=args.threads,
         seed=args.seed,
     )
-    gen = iter_finetune(args.model, image.data, labels.data, changed, config, args.out)
+
+    def save_reviewed(region: np.ndarray) -> None:
+        if args.save_reviewed:
+            written = write_labels(args.save_reviewed, region.astype(np.uint8), reference=image)
+            print(f"wrote reviewed voxels {written}", file=sys.stderr)
+
+    gen = iter_finetune(
+        args.model, image.data, labels.data, masks.get("changed"), config, args.out,
+        reviewed=masks.get("reviewed"), review_axis=args.review_axis,
+        affine=image.affine if image.ndim == 3 else None, on_reviewed=save_reviewed,
+    )  # fmt: skip
     print(_drain(gen, "finetune", args.quiet))
     return 0
 

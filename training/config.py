@@ -149,13 +149,23 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+SCRIBBLE_BACKGROUND = 255
+"""The label value that marks background in a scribble (sparse) labels layer."""
+
+
 @dataclass
 class FinetuneConfig:
-    """Settings of fine-tuning a model on a user's corrected labels.
+    """Settings of fine-tuning a model on a user's corrected labels or scribbles.
+
+    What the user reviewed is truth, the rest is unknown: a slice the user painted on
+    (along the painting axis) counts as reviewed in full, including what they left as
+    it was; with ``sparse`` only painted voxels are known. Unreviewed voxels weigh
+    ``unreviewed_weight`` (0: ignored).
 
     Attributes:
         iterations: optimiser steps (a short schedule).
-        seconds_budget: stop after this much training time (None: no limit).
+        seconds_budget: stop after this much training time (None: no limit); with the
+            defaults a whole round (prediction, training, validation) takes about a minute.
         lr: AdamW learning rate.
         poly_power: learning-rate decay ``(1 - t / iterations) ** poly_power``; 0 (the
             default) keeps it constant: with 100 steps, poly decay at 0.9 halved the
@@ -166,12 +176,18 @@ class FinetuneConfig:
         lambda_ifd: SelfReg IFD weight (0: off).
         freeze: ``none``, ``encoder`` (stem to bottleneck) or ``stage:k`` (train
             encoder blocks from the k-th on, counting the stem as 0).
-        corrected_weight: loss weight of corrected voxels.
-        uncorrected_weight: loss weight of voxels the user did not review (3D: outside
-            the slices holding corrections); reviewed voxels weigh 1.
-        focus_fraction: share of patches centred on a corrected voxel.
+        corrected_weight: loss weight of corrected (or painted) voxels; other reviewed
+            voxels weigh 1.
+        unreviewed_weight: loss weight of voxels nobody reviewed: 0 (the default) treats
+            them as unknown; a positive weight also teaches the old prediction there.
+        focus_fraction: share of patches centred on a corrected voxel; the others are
+            centred on reviewed voxels, class by class.
+        sparse: the labels are scribbles: 0 is unpainted (unknown), ``background_value``
+            marks background, 1.. the classes.
+        background_value: the scribble value of background.
         extend_classes: add output channels for label values the model lacks
             (initialised from background) instead of refusing them.
+        new_class_names: names of added classes, in order (default ``class N``).
         label_map: remap label values first, e.g. ``{4: 1}``.
         augment: random augmentation as in training.
         precision: as in :class:`TrainConfig`.
@@ -181,7 +197,7 @@ class FinetuneConfig:
     """
 
     iterations: int = 100
-    seconds_budget: float | None = 60.0
+    seconds_budget: float | None = 45.0
     lr: float = 1e-3
     poly_power: float = 0.0
     batch_size: int = 2
@@ -189,10 +205,13 @@ class FinetuneConfig:
     lambda_scr: float = 0.015
     lambda_ifd: float = 0.015
     freeze: str = "none"
-    corrected_weight: float = 5.0
-    uncorrected_weight: float = 0.25
-    focus_fraction: float = 0.7
+    corrected_weight: float = 3.0
+    unreviewed_weight: float = 0.0
+    focus_fraction: float = 0.5
+    sparse: bool = False
+    background_value: int = SCRIBBLE_BACKGROUND
     extend_classes: bool = False
+    new_class_names: list[str] | None = None
     label_map: dict[int, int] | None = None
     augment: bool = True
     precision: str = "auto"
@@ -205,8 +224,14 @@ class FinetuneConfig:
             self.patch_size = tuple(int(p) for p in self.patch_size)
         if self.freeze not in ("none", "encoder") and not self.freeze.startswith("stage:"):
             raise TrainingError(f"unknown freeze {self.freeze!r}; choose none, encoder or stage:K")
-        if self.corrected_weight <= 0 or self.uncorrected_weight < 0:
-            raise TrainingError("voxel weights must be positive")
+        if self.corrected_weight <= 0 or self.unreviewed_weight < 0:
+            raise TrainingError(
+                "the corrected weight must be positive and the unreviewed weight not negative"
+            )
+        if self.iterations < 1:
+            raise TrainingError("iterations must be at least 1")
+        if self.seconds_budget is not None and self.seconds_budget <= 0:
+            raise TrainingError("the time budget must be positive (or None for no limit)")
 
 
 @dataclass

@@ -58,13 +58,16 @@ class Case:
         return self._pad
 
     def class_index(self, rng: np.random.Generator, cap: int = 100_000) -> dict[int, np.ndarray]:
-        """Flat voxel indices of every foreground class present (at most ``cap`` each)."""
+        """Flat voxel indices of every class present among the voxels the loss sees
+        (weight > 0), at most ``cap`` each; background only when the case has weights
+        (then unweighted voxels are unknown, and background must be seen where known)."""
         if not self._class_index:
             flat = self.labels.ravel()
-            for c in np.unique(flat):
-                if c == 0:
+            known = None if self.weight is None else self.weight.ravel() > 0
+            for c in np.unique(flat if known is None else flat[known]):
+                if c == 0 and known is None:
                     continue
-                idx = np.flatnonzero(flat == c)
+                idx = np.flatnonzero(flat == c if known is None else (flat == c) & known)
                 if idx.size > cap:
                     idx = np.sort(rng.choice(idx, cap, replace=False))
                 self._class_index[int(c)] = idx
@@ -416,7 +419,8 @@ class PatchSampler:
         flat = None
         if case.focus is not None and case.focus.size and u < self.focus_fraction:
             flat = case.focus[rng.integers(case.focus.size)]
-        elif u < self.focus_fraction + self.fg_fraction:
+        elif u < self.focus_fraction + self.fg_fraction or case.weight is not None:
+            # a case with weights is centred on voxels the loss sees, class by class
             index = case.class_index(rng)
             if index:
                 voxels = index[list(index)[rng.integers(len(index))]]

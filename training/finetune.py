@@ -1,11 +1,14 @@
-"""Fine-tune a model on a user's corrected labels (what the Fine-tune widget calls).
+"""Fine-tune a model on a user's corrected labels or scribbles (what the Fine-tune widget calls).
 
-The user segments a volume, corrects some voxels with napari's brush and hands
-over the image, the corrected labels and (optionally) the mask of voxels that
-changed against the prediction. Fine-tuning runs the one training loop with:
-patches centred on corrected voxels most of the time, corrected voxels weighted
-up in the loss, optionally a frozen encoder, a short schedule or a time budget,
-and SelfReg on. It saves a NEW model version whose card names its parent; the
+The user segments a volume, corrects it with napari's brush (or paints scribbles on
+an empty layer) and hands over the image and the labels. What the user reviewed is
+truth and what they did not is unknown: a slice the user painted on, in the plane
+they painted in, counts as reviewed in full, including what they left as it was;
+with scribbles only the painted voxels are known. The loss ignores unknown voxels
+(by default), patches are centred on known voxels class by class and on the
+corrections, and the validation Dice is measured on the reviewed voxels. The volume
+is brought to the model's orientation and voxel spacing first. Fine-tuning runs the
+one training loop and saves a NEW model version whose card names its parent; the
 base model's files are never touched.
 """
 
@@ -25,9 +28,9 @@ import torch.nn as nn
 
 from napari_selfreg import models
 from napari_selfreg.jobs import drain
-from napari_selfreg.modelfile import ModelBundle, load_model, user_models_dir
+from napari_selfreg.modelfile import DEFAULT_COLORS, ModelBundle, load_model, user_models_dir
 
-from .config import FinetuneConfig, LabelError, TrainConfig, TrainEvent, TrainingError
+from .config import FinetuneConfig, LabelError, TrainConfig, TrainingError
 from .datasets import Case, case_from_arrays, check_labels
 from .loop import Trainer, check_classes
 
@@ -167,52 +170,88 @@ def edit_axis(changed: np.ndarray, max_fraction: float = 0.5) -> int | None:
     return axis if shares[axis] <= max_fraction else None
 
 
-def correction_weights(
-    changed: np.ndarray, corrected_weight: float, uncorrected_weight: float
+def reviewed_region(
+    changed: np.ndarray, axis: int | None = None, reviewed: np.ndarray | None = None
 ) -> np.ndarray:
-    """Loss weight per voxel ``(*S)`` float32 from the mask of corrected voxels.
+    """The voxels the user reviewed: bool ``(*S)``.
 
-    Corrected voxels weigh ``corrected_weight``. Voxels the user saw and left as
-    they were weigh 1: the whole image in 2D, and in 3D the slices (along the
-    painting axis, :func:`edit_axis`) that hold corrections. Every other voxel is
-    the old model's unreviewed prediction and weighs ``uncorrected_weight``.
+    The whole image in 2D; in 3D every slice along ``axis`` (the plane the user
+    painted in; default :func:`edit_axis`) that holds a change, whole; with changes
+    spread in 3D, the changed voxels only. ``reviewed`` (earlier rounds) is added.
     """
-    weight = np.full(changed.shape, uncorrected_weight, dtype=np.float32)
+    region = np.zeros(changed.shape, dtype=bool) if reviewed is None else np.array(reviewed, dtype=bool)  # fmt: skip
     if changed.ndim == 2:
-        weight[:] = max(1.0, uncorrected_weight)
-    axis = edit_axis(changed)
-    if axis is not None:
+        region[:] = True
+        return region
+    axis = edit_axis(changed) if axis is None else int(axis) % changed.ndim
+    region |= changed
+    if axis is not None and changed.any():
         index = [slice(None)] * changed.ndim
         index[axis] = np.unique(np.nonzero(changed)[axis])
-        weight[tuple(index)] = max(1.0, uncorrected_weight)
+        region[tuple(index)] = True
+    return region
+
+
+def loss_weights(
+    changed: np.ndarray, reviewed: np.ndarray, corrected_weight: float, unreviewed_weight: float
+) -> np.ndarray:
+    """Loss weight per voxel ``(*S)`` float32: corrected voxels ``corrected_weight``, other
+    reviewed voxels 1, unreviewed voxels ``unreviewed_weight`` (0: unknown)."""
+    weight = np.where(reviewed, np.float32(1.0), np.float32(unreviewed_weight))
     weight[changed] = corrected_weight
     return weight
 
 
-def reviewed_case(case: Case, changed: np.ndarray) -> Case:
-    """The fine-tuning case restricted to the voxels the user reviewed: the corrected
-    ones and, as in :func:`correction_weights`, the whole image in 2D or the slices
-    holding corrections along the painting axis in 3D.
+def reviewed_case(case: Case, reviewed: np.ndarray) -> Case:
+    """The fine-tuning case restricted to the voxels the user reviewed.
 
     Fine-tuning has no held-out data: its validation Dice (the live curve, the best
-    checkpoint, the card) is the fit to the corrected and reviewed voxels.
+    checkpoint, the card) is the fit to the reviewed voxels, and says so.
     """
-    reviewed = correction_weights(changed, 1.0, 0.0)
-    return dataclasses.replace(case, name=f"{case.name} (reviewed voxels)", weight=reviewed)
+    weight = np.asarray(reviewed, dtype=np.float32)
+    return dataclasses.replace(case, name=f"{case.name} (reviewed voxels)", weight=weight, _class_index={})  # fmt: skip
+
+
+def to_model_grid(card, affine: np.ndarray | None, arrays: dict[str, tuple[np.ndarray, int]]):
+    """Arrays in the stored order -> the model's orientation and spacing.
+
+    ``arrays`` maps a name to ``(array, interpolation order)`` (1 for the image, 0 for
+    labels and masks). Without an affine, or for a card without orientation and
+    spacing, the arrays are returned as they are.
+    """
+    from napari_selfreg import geometry, preprocess
+
+    out = {k: np.asarray(a) for k, (a, _) in arrays.items()}
+    spatial = next(iter(out.values())).shape
+    if affine is None or len(spatial) != 3:
+        return out, {}
+    spacing = geometry.spacing_from_affine(affine)
+    info: dict[str, Any] = {}
+    if getattr(card, "orientation", None):
+        turn = geometry.reorientation(affine, card.orientation)
+        if not turn.identity:
+            out = {k: np.ascontiguousarray(turn.apply(a)) for k, a in out.items()}
+            spacing = turn.spacing(spacing)
+            info["reoriented"] = {"stored": turn.source, "model": turn.target}
+    target = [float(v) for v in card.spacing] if getattr(card, "spacing", None) else None
+    if target and len(target) == 3 and not np.allclose(spacing, target, rtol=1e-3):
+        out = {
+            k: preprocess.resample(a, spacing, target, order=arrays[k][1]) for k, a in out.items()
+        }
+        info["resampled"] = {"from": list(spacing), "to": target}
+    return out, info
 
 
 def _changed_against_prediction(
-    bundle: ModelBundle, image: np.ndarray, labels: np.ndarray, cfg: FinetuneConfig
-) -> np.ndarray:
-    from napari_selfreg.device import resolve_device, resolve_precision
+    bundle: ModelBundle, image: np.ndarray, labels: np.ndarray, cfg: FinetuneConfig, affine
+) -> Generator[Any, None, np.ndarray]:
+    """Voxels whose label differs from the base model's prediction (a generator: the
+    prediction yields its progress and can be cancelled)."""
+    from napari_selfreg.predict import Predictor
 
-    from .evaluate import predict_volume
-
-    device = resolve_device(cfg.device)
-    pred = predict_volume(
-        bundle.network, bundle.card, image, device, resolve_precision(cfg.precision, device)
-    )
-    return pred != labels
+    predictor = Predictor(bundle, device=cfg.device, precision=cfg.precision)
+    result = yield from predictor.iter_segment(image, affine=affine)
+    return np.asarray(result.labels) != labels
 
 
 def _patch_size(
@@ -231,21 +270,36 @@ def iter_finetune(
     changed_mask: np.ndarray | None = None,
     config: FinetuneConfig | None = None,
     out: str | Path | None = None,
-) -> Generator[TrainEvent, None, Path]:
-    """Fine-tune ``base_model`` on corrected labels; yield events; return the new model folder.
+    *,
+    reviewed: np.ndarray | None = None,
+    review_axis: int | None = None,
+    affine: np.ndarray | None = None,
+    on_reviewed: Callable[[np.ndarray], None] | None = None,
+) -> Generator[Any, None, Path]:
+    """Fine-tune ``base_model`` on corrected labels or scribbles; yield progress events
+    (:class:`TrainEvent` and the predictor's ``Progress``); return the new model folder.
 
     Args:
         base_model: a model name, folder or loaded :class:`ModelBundle`.
-        image: the raw image ``(*S)`` (as the predictor sees it).
-        labels: the corrected labels ``(*S)``: the prediction with the user's edits.
+        image: the raw image ``(*S)`` (as the predictor sees it), in the stored order.
+        labels: the corrected labels ``(*S)`` (the prediction with the user's edits), or
+            scribbles with ``config.sparse`` (0 unknown, ``config.background_value``
+            background).
         changed_mask: bool ``(*S)``, voxels the user changed; None: computed against
-            the base model's prediction.
+            the base model's prediction (scribbles: the painted voxels).
         config: settings (:class:`FinetuneConfig`).
         out: new model folder; None: ``<user models>/<base>-ft`` (``-ft-v2`` ... when taken).
+        reviewed: bool ``(*S)``, voxels reviewed in earlier rounds (kept as truth).
+        review_axis: the axis the user painted along (napari's slider axis); None:
+            the axis whose few slices hold the changes.
+        affine: voxel-to-world matrix of the volume: it is brought to the model's
+            orientation and spacing (from its card) before training.
+        on_reviewed: called with the reviewed voxels (bool, stored order) before
+            training, so a caller can keep them for the next round.
 
     Raises:
         LabelError: labels with values the model lacks (use ``label_map`` or
-            ``extend_classes``), of another shape, or with no corrected voxel.
+            ``extend_classes``), of another shape, or with nothing corrected or painted.
     """
     cfg = config or FinetuneConfig()
     if cfg.num_threads:
@@ -253,41 +307,75 @@ def iter_finetune(
     bundle = base_model if isinstance(base_model, ModelBundle) else load_model(base_model)
     card = bundle.card
     image = np.asarray(image)
-    labels = check_labels(labels, "the corrected labels", cfg.label_map)
+    labels = np.asarray(labels)
     if image.shape[-labels.ndim :] != labels.shape:
         raise LabelError(f"image and labels differ in shape ({image.shape} vs {labels.shape})")
+    for name, mask in (("changed", changed_mask), ("reviewed", reviewed)):
+        if mask is not None and np.shape(mask) != labels.shape:
+            raise LabelError(
+                f"the mask of {name} voxels has shape {np.shape(mask)}, the labels {labels.shape}"
+            )
+    if cfg.sparse:
+        painted = labels != 0
+        if not painted.any():
+            raise LabelError(
+                "the scribbles are empty: paint some voxels of each class, and background "
+                f"with label {cfg.background_value}"
+            )
+        labels = check_labels(np.where(labels == cfg.background_value, 0, labels), "the scribbles", cfg.label_map)  # fmt: skip
+        changed = painted
+        region = painted | (
+            np.zeros_like(painted) if reviewed is None else np.asarray(reviewed, bool)
+        )
+    else:
+        labels = check_labels(labels, "the corrected labels", cfg.label_map)
+        if changed_mask is None:
+            changed = yield from _changed_against_prediction(bundle, image, labels, cfg, affine)
+        else:
+            changed = np.asarray(changed_mask, dtype=bool)
+        if not changed.any() and reviewed is None:
+            raise LabelError(
+                "no voxel was corrected: the labels equal the model's prediction; paint corrections first"
+            )
+        region = reviewed_region(changed, review_axis, reviewed)
+    if on_reviewed is not None:
+        on_reviewed(region)
     network = copy.deepcopy(bundle.network).float()
-    class_names = list(card.class_names)
+    class_names, class_colors = list(card.class_names), list(card.class_colors)
     top = int(labels.max()) if labels.size else 0
     if top >= card.num_classes:
         if not cfg.extend_classes:
             check_classes([labels], card.num_classes, f"model {card.name!r}")
         network = extend_classes(network, card.options, card.architecture, top + 1)
-        class_names += [f"class {i}" for i in range(card.num_classes, top + 1)]
-    if changed_mask is None:
-        changed = _changed_against_prediction(bundle, image, labels, cfg)
-    else:
-        changed = np.asarray(changed_mask, dtype=bool)
-        if changed.shape != labels.shape:
-            raise LabelError(
-                f"the mask of changed voxels has shape {changed.shape}, the labels {labels.shape}"
-            )
-    if not changed.any():
-        raise LabelError(
-            "no voxel was corrected: the labels equal the model's prediction; paint corrections first"
-        )
-    weight = correction_weights(changed, cfg.corrected_weight, cfg.uncorrected_weight)
-    case = case_from_arrays(
-        image, labels, changed, name="corrected", normalization=card.normalization, weight=weight
+        names = list(cfg.new_class_names or [])
+        for i in range(card.num_classes, top + 1):
+            class_names.append(names.pop(0) if names else f"class {i}")
+            class_colors.append(DEFAULT_COLORS[i % len(DEFAULT_COLORS)])
+    grid, moved = to_model_grid(
+        card,
+        affine,
+        {
+            "image": (image, 1),
+            "labels": (labels, 0),
+            "changed": (changed, 0),
+            "reviewed": (region, 0),
+        },  # fmt: skip
     )
-    check_classes([case.labels], len(class_names))
+    weight = loss_weights(grid["changed"], grid["reviewed"], cfg.corrected_weight, cfg.unreviewed_weight)  # fmt: skip
+    case = case_from_arrays(
+        grid["image"], grid["labels"], grid["changed"], name="corrected",
+        normalization=card.normalization, weight=weight,
+    )  # fmt: skip
+    check_classes([case.labels[grid["reviewed"]]], len(class_names), require_foreground=False)
     dims = int(getattr(network, "spatial_dims", 3))
-    patch = cfg.patch_size or _patch_size(card.patch_size, labels.shape, dims)
+    patch = cfg.patch_size or _patch_size(card.patch_size, case.shape, dims)
     if "img_size" in card.options:  # fixed positional embedding (MISSU): train on that size
         size = card.options["img_size"]
         patch = (int(size),) * 3 if isinstance(size, int) else tuple(int(s) for s in size)
     # a small input suffices to trace which parameters each encoder stage uses
     probe = patch if "img_size" in card.options else tuple(min(p, 32) for p in patch)
+    n_changed, n_reviewed = int(changed.sum()), int(region.sum())
+    what = "painted" if cfg.sparse else "corrected"
     train_cfg = TrainConfig(
         arch=card.architecture,
         arch_options={
@@ -313,15 +401,16 @@ def iter_finetune(
         patience=0,
         seed=cfg.seed,
         normalization=card.normalization,
-        description=f"{card.description} Fine-tuned on {int(changed.sum())} corrected voxels.".strip(),
+        description=f"{card.description} Fine-tuned on {n_changed} {what} voxels ({n_reviewed} reviewed).".strip(),
     )
     base_card = copy.deepcopy(card)
     base_card.class_names = class_names
-    base_card.class_colors = card.class_colors[: len(class_names)]
+    base_card.class_colors = class_colors
     base_card.options = {**card.options, "num_classes": len(class_names)}
     target = Path(out) if out is not None else user_models_dir() / f"{card.name}-ft"
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.finetune-", dir=target.parent))
+    record = {**_asdict(cfg), f"{what}_voxels": n_changed, "reviewed_voxels": n_reviewed, **moved}
     trainer = Trainer(
         train_cfg,
         [case],
@@ -332,8 +421,8 @@ def iter_finetune(
         checkpoints=work,
         configure=freezer(cfg.freeze, probe),
         new_version=True,
-        extra_training={"finetune": {**_asdict(cfg), "corrected_voxels": int(changed.sum())}},
-        validation_cases=[reviewed_case(case, changed)],
+        extra_training={"finetune": record},
+        validation_cases=[reviewed_case(case, grid["reviewed"])],
     )
     try:
         return (yield from trainer.run())
@@ -348,10 +437,14 @@ def finetune(
     changed_mask: np.ndarray | None = None,
     config: FinetuneConfig | None = None,
     out: str | Path | None = None,
-    callback: Callable[[TrainEvent], None] | None = None,
+    callback: Callable[[Any], None] | None = None,
+    **options: Any,
 ) -> Path:
-    """Drain :func:`iter_finetune`; return the new model folder."""
-    return drain(iter_finetune(base_model, image, labels, changed_mask, config, out), callback)
+    """Drain :func:`iter_finetune` (``options``: ``reviewed``, ``review_axis``, ``affine``);
+    return the new model folder."""
+    return drain(
+        iter_finetune(base_model, image, labels, changed_mask, config, out, **options), callback
+    )
 
 
 def _asdict(cfg: FinetuneConfig) -> dict[str, Any]:

@@ -70,8 +70,14 @@ class _TrainStep(nn.Module):
         return logits, features, extra
 
 
-def check_classes(labels: list[np.ndarray], num_classes: int, what: str = "the model") -> None:
-    """Raise :class:`LabelError` for label values >= ``num_classes`` or no labelled voxel."""
+def check_classes(
+    labels: list[np.ndarray],
+    num_classes: int,
+    what: str = "the model",
+    require_foreground: bool = True,
+) -> None:
+    """Raise :class:`LabelError` for label values >= ``num_classes`` or (when
+    ``require_foreground``) no labelled voxel."""
     found = sorted({int(v) for lab in labels for v in np.unique(lab)})
     unknown = [v for v in found if v >= num_classes]
     if unknown:
@@ -80,7 +86,7 @@ def check_classes(labels: list[np.ndarray], num_classes: int, what: str = "the m
             f"know (it has {num_classes} classes, 0-{num_classes - 1}); remap them with a "
             "label map (e.g. --label-map 5:1) or add classes (extend_classes / --extend-classes)"
         )
-    if all(v == 0 for v in found):
+    if require_foreground and all(v == 0 for v in found):
         raise LabelError(
             "the labels contain no labelled voxels (everything is 0 = background); "
             "label at least one structure"
