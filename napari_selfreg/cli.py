@@ -35,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
         "segment",
         help="segment volumes (files or folders) into label maps",
         description="Segment volumes; one input -> OUTPUT file (.nii/.nii.gz), several "
-        "inputs or a folder -> OUTPUT folder with <name>_labels.nii.gz per input.",
+        "inputs or a folder -> OUTPUT folder with <name>_labels.nii.gz per input. "
+        "The bundled default model, brain-tissue-unet3d, labels grey and white matter in "
+        "MRI of the head: T1-weighted best, T2- and PD-like contrasts too; with skull, face "
+        "and neck or brain-extracted; 1 mm voxels best, 2-3 mm and thick slices are "
+        "resampled to 1 mm; any stored orientation (the file's affine brings it to RAS). "
+        "It learned one anatomy (the MNI152 template) from synthetic scans: children, large "
+        "lesions, tumours, CT and non-brain images are outside what it knows.",
     )
     seg.add_argument("inputs", nargs="+", metavar="INPUT", help="volume file, DICOM folder or folder of volumes")  # fmt: skip
     seg.add_argument("-o", "--output", required=True, help="output file (.nii.gz) or folder")
@@ -49,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--channel", type=int, default=None, help="volume to pick from a 4D file")
     seg.add_argument("--probabilities", action="store_true", help="also write <name>_probabilities.nii.gz")  # fmt: skip
     seg.add_argument("--uncertainty", action="store_true", help="also write <name>_uncertainty.nii.gz (normalised entropy)")  # fmt: skip
+    seg.add_argument("--rank-slices", default=None, metavar="FILE.json", help="write the slices where the model is least sure, per axis (where to correct next)")  # fmt: skip
+    seg.add_argument("--rank-top", type=int, default=10, help="slices per axis in --rank-slices (default 10)")  # fmt: skip
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")  # fmt: skip
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(func=cmd_segment)
@@ -202,6 +210,7 @@ def cmd_segment(args) -> int:
 
     from . import io
     from .predict import Predictor
+    from .review import rank_slices
 
     inputs, folder_mode = expand_inputs(args.inputs)
     outputs = plan_outputs(inputs, args.output, folder_mode)
@@ -219,9 +228,11 @@ def cmd_segment(args) -> int:
         axis=args.axis,
         probabilities=args.probabilities,
         uncertainty=args.uncertainty,
+        slice_scores=bool(args.rank_slices),
     )
     card = predictor.card
     names = card.class_names if card else [f"class {i}" for i in range(predictor.num_classes)]
+    rankings: dict[str, dict] = {}
     for source, target in zip(inputs, outputs, strict=True):
         volume = io.read_volume(source, channel=args.channel)
         result = run_with_progress(predictor, volume, source.name, args.quiet)
@@ -239,10 +250,21 @@ def cmd_segment(args) -> int:
             f"wrote labels {written} ({' x '.join(map(str, volume.shape))} voxels, "
             f"{info['seconds']:.1f} s on {info['device']} in {info['precision']})"
         )
+        if result.slice_scores is not None:
+            rankings[str(source)] = {
+                f"axis {axis}": [
+                    {"slice": i, "score": round(v, 4)}
+                    for i, v in rank_slices(scores, top=args.rank_top)
+                ]
+                for axis, scores in enumerate(result.slice_scores)
+            }
         unit = "ml" if volume.ndim == 3 else "mm^2"
         width = max(len(n) for n in names)
         for name, voxels, amount in class_volumes(result.labels, volume, names):
             print(f"  {name:<{width}}  {voxels:>10d} voxels  {amount:12.2f} {unit}")
+    if args.rank_slices:
+        path = write_json_atomic(args.rank_slices, {"what": "slices ranked by summed normalised entropy (1 = the most uncertain slice)", "inputs": rankings})  # fmt: skip
+        print(f"wrote slice ranking {path}")
     return 0
 
 
@@ -261,6 +283,18 @@ def run_with_progress(predictor, volume, label: str, quiet: bool):
 
 
 # ----------------------------------------------------------------------------- other commands
+
+
+def write_json_atomic(path: str | Path, data) -> Path:
+    """Write ``data`` as JSON to ``path`` through a temporary file and a rename."""
+    import os
+
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+    return path
 
 
 def cmd_info(args) -> int:

@@ -62,12 +62,15 @@ class SegmentationResult:
             array when the prediction streamed into ``out``.
         probabilities: float32 softmax ``(K, *spatial)`` or None.
         uncertainty: float32 normalised entropy in [0, 1] ``(*spatial)`` or None.
+        slice_scores: per axis, the summed uncertainty of each slice (3D volumes with
+            ``slice_scores=True``), in the input's axis order; else None.
         info: device, precision, tile, tiles, seconds, GFLOP/s, fallbacks, ...
     """
 
     labels: Any
     probabilities: Any = None
     uncertainty: Any = None
+    slice_scores: list | None = None
     info: dict = field(default_factory=dict)
 
 
@@ -235,6 +238,8 @@ class Predictor:
         axis: slice axis for a 2D model on a 3D volume.
         probabilities: also return the softmax ``(K, *spatial)``.
         uncertainty: also return the normalised entropy.
+        slice_scores: also return per-slice sums of the normalised entropy along each
+            axis of a 3D volume (``review.slice_scores``: where to correct next).
         slab_size: most planes along axis 0 held at once (default from a memory budget).
         fold_bn: fold BatchNorm into the convolutions.
         channels_last: channels-last memory format.
@@ -252,6 +257,7 @@ class Predictor:
         axis: int = 0,
         probabilities: bool = False,
         uncertainty: bool = False,
+        slice_scores: bool = False,
         slab_size: int | None = None,
         fold_bn: bool = True,
         channels_last: bool = True,
@@ -282,7 +288,9 @@ class Predictor:
         self.tile = self._check_tile(tile)
         self.overlap, self.gaussian, self.axis = float(overlap), bool(gaussian), axis % 3
         self.batch_size = int(batch_size) if batch_size else None
-        self.probabilities, self.uncertainty = bool(probabilities), bool(uncertainty)
+        self.probabilities, self.keep_uncertainty = bool(probabilities), bool(uncertainty)
+        self.slice_scores = bool(slice_scores)
+        self.uncertainty = self.keep_uncertainty or self.slice_scores  # computed by the sink
         self.slab_size = int(slab_size) if slab_size else None
         self.fold_bn, self.channels_last = bool(fold_bn), bool(channels_last)
         self._nets: dict[str, tuple[nn.Module, int]] = {}
@@ -381,6 +389,16 @@ class Predictor:
         result.info = {**work.info, **info, "seconds": round(time.perf_counter() - t0, 3)}
         if turn is not None:
             result = self._restore_order(result, turn)
+        if (
+            self.slice_scores
+            and result.uncertainty is not None
+            and np.ndim(result.uncertainty) == 3
+        ):
+            from .review import slice_scores
+
+            result.slice_scores = slice_scores(result.uncertainty)
+        if not self.keep_uncertainty:  # computed for the scores only
+            result.uncertainty = None
         return result
 
     def _reorientation(self, image, affine, out) -> geometry.Reorientation | None:

@@ -79,6 +79,18 @@ def test_segment_folder_with_probabilities(tiny_model, scan, tmp_path, capsys):
     assert stdout.count("wrote labels") == 2
 
 
+def test_segment_ranks_the_slices_to_correct_next(tiny_model, scan, tmp_path, capsys):
+    ranking = tmp_path / "next.json"
+    code, stdout, _ = run(capsys, "segment", scan, "-o", tmp_path / "s.nii.gz", "--model", tiny_model,
+                          "--rank-slices", ranking, "--rank-top", 3, "--quiet")  # fmt: skip
+    assert code == 0 and f"wrote slice ranking {ranking}" in stdout
+    axes = json.loads(ranking.read_text())["inputs"][str(scan)]
+    assert sorted(axes) == ["axis 0", "axis 1", "axis 2"]
+    top = axes["axis 2"]
+    assert len(top) == 3 and top[0]["score"] == 1.0 and top[0]["score"] >= top[1]["score"]
+    assert all(0 <= row["slice"] < 22 for row in top)
+
+
 def test_never_overwrites_an_input(tiny_model, scan, capsys):
     before = scan.read_bytes()
     code, _, err = run(capsys, "segment", scan, "-o", scan, "--model", tiny_model, "--overwrite")

@@ -107,3 +107,25 @@ def test_streaming_into_zarr_refuses_a_reorientation(tmp_path):
     data, affine = stored_as(volume, "PSL", spacing=(1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="stored PSL and the model works in RAS"):
         Predictor(oriented_bundle()).segment(data, affine=affine, out=tmp_path / "o.zarr")
+
+
+def test_slice_scores_come_in_the_stored_order_and_rank_uncertain_slices():
+    from napari_selfreg.review import rank_slices, reviewed_slices, slice_scores
+
+    volume = np.random.default_rng(3).normal(size=(20, 24, 18)).astype(np.float32)
+    data, affine = stored_as(volume, "PSL", spacing=(1.0, 1.0, 1.0))
+    result = Predictor(oriented_bundle(), slice_scores=True, precision="fp32").segment(
+        data, affine=affine
+    )
+    assert result.uncertainty is None and len(result.slice_scores) == 3
+    assert [len(s) for s in result.slice_scores] == list(data.shape)
+    full = Predictor(oriented_bundle(), uncertainty=True, precision="fp32").segment(
+        data, affine=affine
+    )
+    for axis, scores in enumerate(slice_scores(full.uncertainty)):
+        np.testing.assert_allclose(result.slice_scores[axis], scores, rtol=1e-6)
+    ranked = rank_slices([0.0, 2.0, 5.0, 1.0], exclude=[2], top=2)
+    assert ranked == [(1, 1.0), (3, 0.5)]
+    reviewed = np.zeros((4, 3, 3), bool)
+    reviewed[2, 1, 1] = True
+    assert reviewed_slices(reviewed, 0) == [2] and reviewed_slices(None, 0) == []
