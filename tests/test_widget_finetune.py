@@ -154,3 +154,67 @@ def test_bad_inputs_are_clear_messages(qtbot, segmented, tiny_model):
     announce_model(copy)
     assert copy in segment.model_picker.model_paths()
     assert copy in finetune.model_picker.model_paths()
+
+
+def test_rounds_keep_what_was_reviewed_and_list_slices_to_check(qtbot, segmented, phantom):
+    viewer, segment, finetune, image, labels, messages = segmented
+    from napari_selfreg.widgets.finetune import PAINT_AXES_KEY, REVIEWED_KEY
+    from napari_selfreg.widgets.segment import SLICE_SCORES_KEY
+
+    assert [len(s) for s in labels.metadata[SLICE_SCORES_KEY]] == list(labels.data.shape)
+    finetune.labels_picker.set_layer(labels)
+    viewer.dims.ndisplay = 2
+    viewer.dims.order = (0, 1, 2)  # the slider runs along axis 0
+    assert finetune.view_axis() == 0
+    listed = [finetune.next_slices.item(i).text() for i in range(finetune.next_slices.count())]
+    assert listed and all("along axis 0" in t for t in listed)
+    finetune.next_slices.itemClicked.emit(finetune.next_slices.item(0))
+    first = int(listed[0].split()[1])
+    assert viewer.dims.current_step[0] == first
+    # the user repaints two slices along axis 0 (the paint event records the axis)
+    for z in (5, 12):
+        viewer.dims.set_current_step(0, z)
+        labels.data[z] = phantom[1][z]
+        labels.events.paint(value=[])
+    assert labels.metadata[PAINT_AXES_KEY] == [0]
+    assert "along axis 0" in finetune.changed_line.text()
+    finetune.iterations.setValue(2)
+    finetune.seconds.setValue(0)
+    with qtbot.waitSignal(finetune.job.finished, timeout=WAIT_MS):
+        finetune.run()
+    assert finetune.job.outcome == "returned", messages
+    reviewed = labels.metadata[REVIEWED_KEY]
+    assert reviewed[[5, 12]].all() and not reviewed[[0, 8, 19]].any()
+    assert "1. tiny-ft" in finetune.rounds.text() and "tiny → tiny-ft" in finetune.rounds.text()
+    listed = [finetune.next_slices.item(i).text() for i in range(finetune.next_slices.count())]
+    assert not any(t.startswith(("slice 5 ", "slice 12 ")) for t in listed)  # reviewed: skipped
+    # round 2 starts from a layer that keeps the reviewed slices as the user left them
+    with qtbot.waitSignal(segment.segmented, timeout=WAIT_MS) as blocker:
+        finetune.segment_button.click()
+    second = blocker.args[0]
+    np.testing.assert_array_equal(second.data[[5, 12]], phantom[1][[5, 12]])
+    np.testing.assert_array_equal(second.metadata[REVIEWED_KEY], reviewed)
+    assert finetune.labels_picker.layer() is second
+
+
+def test_scribbles_train_on_painted_voxels_only(qtbot, segmented, phantom):
+    viewer, segment, finetune, image, labels, messages = segmented
+    finetune.image_picker.set_layer(image)
+    scribbles = finetune.new_scribble_layer()
+    assert finetune.mode.currentText() == "scribbles"
+    assert finetune.labels_picker.layer() is scribbles and not scribbles.data.any()
+    assert scribbles.selected_label == 255  # the brush starts on background
+    assert "paint background with label 255" in finetune.changed_line.text()
+    truth = phantom[1]
+    scribbles.data[10][truth[10] == 0] = 255
+    scribbles.data[10][truth[10] == 1] = 1
+    scribbles.events.paint(value=[])
+    finetune.iterations.setValue(2)
+    finetune.seconds.setValue(0)
+    with qtbot.waitSignal(finetune.job.finished, timeout=WAIT_MS):
+        finetune.run()
+    assert finetune.job.outcome == "returned", messages
+    card = read_card(finetune.new_model)
+    painted = int((scribbles.data != 0).sum())
+    assert card.training["finetune"]["painted_voxels"] == painted
+    assert card.training["finetune"]["sparse"] is True

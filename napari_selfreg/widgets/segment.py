@@ -47,6 +47,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 EXTRAS = ("none", "uncertainty", "probabilities")
 PREDICTION_KEY = "selfreg_prediction"  # labels metadata: the labels as predicted (uint8 copy)
 MODEL_KEY = "selfreg_model"  # labels metadata: the model folder that predicted them
+SLICE_SCORES_KEY = "selfreg_slice_scores"  # labels metadata: per axis, uncertainty per slice
 SOURCE_KEYS = ("selfreg_volume",)  # image metadata copied to the labels (affine, header)
 
 
@@ -161,6 +162,7 @@ class SegmentWidget(QWidget):
             "precision": self.precision.currentText(),
             "probabilities": extra == "probabilities",
             "uncertainty": extra == "uncertainty",
+            "slice_scores": True,  # where to correct next (Fine-tune lists the slices)
         }
 
     def _show_model_info(self) -> None:
@@ -254,6 +256,8 @@ class SegmentWidget(QWidget):
             "selfreg_class_colors": colors,
             "selfreg_info": dict(result.info),
         }
+        if result.slice_scores is not None:
+            metadata[SLICE_SCORES_KEY] = [np.asarray(s) for s in result.slice_scores]
         kwargs: dict[str, Any] = {
             "name": f"{image_name} [{model_name}]",
             "features": {"index": np.arange(len(names)), "class": names},
