@@ -72,7 +72,8 @@ class CardMixin:
                 if self.base_card is not None and self.base_card.patch_size
                 else cfg.patch_size
             ),
-            spacing=base.spacing if base is not None else None,
+            spacing=base.spacing if base is not None else cfg.spacing,
+            orientation=base.orientation if base is not None else cfg.orientation,
             description=cfg.description or (base.description if base is not None else ""),
             training=training,
             metrics=metrics_ or {},

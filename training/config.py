@@ -67,6 +67,10 @@ class TrainConfig:
         patience: validations without improvement before stopping early (0: never).
         seed: seed of weights, split, sampling, augmentation and SelfReg pairing.
         normalization: intensity normalisation stored in the card and applied to images.
+        spacing: voxel spacing (mm) of the training data, recorded in the card: the
+            predictor resamples other spacings to it. None: arrays as they are.
+        orientation: axis codes of the training data (``"RAS"``), recorded in the card:
+            the predictor reorients volumes with affines to it. None: arrays as stored.
         slice_axis: axis along which 2D models take slices of 3D volumes (the
             predictor's ``axis``, 0 by default).
         label_map: remap label values before training, e.g. ``{10: 1, 20: 2}``.
@@ -105,6 +109,8 @@ class TrainConfig:
     patience: int = 10
     seed: int = 0
     normalization: dict[str, Any] = field(default_factory=lambda: {"method": "zscore"})
+    spacing: list[float] | None = None
+    orientation: str | None = None
     slice_axis: int = 0
     label_map: dict[int, int] | None = None
     split: dict[str, Any] | None = None

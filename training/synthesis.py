@@ -320,8 +320,9 @@ def render(
     generator: torch.Generator,
     step: float = 1.0,
     anatomy: H.Anatomy | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Intensities and labels of a box of a subject's voxel grid.
+    with_codes: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Intensities and labels (and head tissue codes) of a box of a subject's voxel grid.
 
     Args:
         subject: from :func:`draw_subject`.
@@ -331,15 +332,17 @@ def render(
         generator: noise source.
         step: voxel step; above 1 a coarse render for statistics (no blur, no resampling).
         anatomy: the template (default :func:`heads.load_anatomy`).
+        with_codes: also return the head tissue code of every voxel (uint8).
 
     Returns:
-        ``(image float32 (X, Y, Z), labels uint8 (X, Y, Z))`` before flipping and
-        normalisation; labels 0 background, 1 grey matter, 2 white matter.
+        ``(image float32 (X, Y, Z), labels uint8 (X, Y, Z)[, codes])`` before flipping
+        and normalisation; labels 0 background, 1 grey matter, 2 white matter.
     """
     anat = anatomy or H.load_anatomy()
     tissue_t = _tissue_tensor(anat)
     pts = template_points(subject, lo, shape, step)
     codes = _codes_at(torch.from_numpy(head), pts).long()
+    tissue_codes = codes.to(torch.uint8) if with_codes else None
     tissue = _tissue_at(anat, tissue_t, pts)
     brain = codes == H.BRAIN
     gm, wm = tissue[0], tissue[1]
@@ -382,6 +385,8 @@ def render(
         x = torch.sqrt((x + n1) ** 2 + n2**2)  # Rician magnitude
     if resampled:
         x = F.interpolate(x[None, None], size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]  # fmt: skip
+    if with_codes:
+        return x.float(), labels, tissue_codes
     return x.float(), labels
 
 
@@ -408,23 +413,28 @@ def normalization_stats(
 
 
 def render_volume(
-    subject: Subject, head: np.ndarray, generator: torch.Generator, scale: float = 1000.0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A whole subject: ``(image float32, labels uint8, affine)`` on its 1 mm RAS grid.
+    subject: Subject,
+    head: np.ndarray,
+    generator: torch.Generator,
+    scale: float = 1000.0,
+    with_codes: bool = False,
+) -> tuple[np.ndarray, ...]:
+    """A whole subject: ``(image float32, labels uint8, affine[, codes])`` on its 1 mm RAS grid.
 
     ``scale`` multiplies intensities (scanner units); the affine maps voxels to the
-    subject's mm (the flip is applied to the arrays, the affine stays RAS).
+    subject's mm (the flip is applied to the arrays, the affine stays RAS);
+    ``with_codes`` adds the head tissue code of every voxel.
     """
     m = margin(subject)
     shape = [int(n + 2 * k) for n, k in zip(subject.fov_shape, m, strict=True)]
-    image, labels = render(subject, head, -m, shape, generator)
+    rendered = render(subject, head, -m, shape, generator, with_codes=with_codes)
     crop = tuple(slice(k, k + n) for k, n in zip(m, subject.fov_shape, strict=True))
-    image, labels = image[crop] * scale, labels[crop]
-    if subject.flip:
-        image, labels = image.flip(0), labels.flip(0)
+    arrays = [a[crop].flip(0) if subject.flip else a[crop] for a in rendered]
+    arrays[0] = arrays[0] * scale
     affine = np.eye(4)
     affine[:3, 3] = subject.fov_origin
-    return image.contiguous().numpy(), labels.contiguous().numpy(), affine
+    out = [a.contiguous().numpy() for a in arrays]
+    return (out[0], out[1], affine, *out[2:])
 
 
 class SyntheticPatches:
@@ -542,9 +552,12 @@ TEST_CONTRASTS: dict[str, dict[str, float]] = {
 
 
 def held_out_scan(
-    contrast: str, seed: int, head_settings: H.HeadSettings | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The template brain in a held-out head: ``(image, labels, affine)`` at 1 mm, RAS.
+    contrast: str,
+    seed: int,
+    head_settings: H.HeadSettings | None = None,
+    with_codes: bool = False,
+) -> tuple[np.ndarray, ...]:
+    """The template brain in a held-out head: ``(image, labels, affine[, codes])`` at 1 mm, RAS.
 
     The head comes from ``head_settings`` (default :data:`heads.TEST_HEAD`, outside
     the training ranges), the contrast from :data:`TEST_CONTRASTS` (the brain is the
@@ -565,7 +578,7 @@ def held_out_scan(
         brain_stds=np.full(3, 0.01), real_t1=True, bias=torch.from_numpy(rng.normal(0, 0.15, (1, 1, 4, 4, 4)).astype(np.float32)),
         noise=0.015, contrast=contrast,
     )  # fmt: skip
-    return render_volume(subject, head, torch.Generator().manual_seed(seed))
+    return render_volume(subject, head, torch.Generator().manual_seed(seed), with_codes=with_codes)
 
 
 def degrade_resolution(

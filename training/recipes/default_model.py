@@ -85,6 +85,8 @@ def config(args) -> TrainConfig:
         seed=args.seed,
         augment=False,  # the generator deforms, flips and degrades every patch itself
         normalization=NORMALIZATION,
+        spacing=[1.0, 1.0, 1.0],
+        orientation="RAS",
         num_threads=args.threads,
         description=DESCRIPTION,
     )
@@ -96,8 +98,6 @@ def publish(trained: Path, out: Path, minutes: float, command: str) -> dict:
         bundle = load_model(trained)
         card = bundle.card
         card.class_colors = list(data.MNI152_COLORS)
-        card.spacing = [1.0, 1.0, 1.0]
-        card.orientation = "RAS"
         card.patch_size = [64, 64, 64]  # inference tile: the fastest on 2 CPU cores
         card.description = DESCRIPTION
         card.training = {
