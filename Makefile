@@ -1,8 +1,7 @@
 # The two commands of the README: `make demo` and `make test`.
-.PHONY: setup demo demo-headless test lint bench
+.PHONY: setup demo demo-headless test bench
 
 PY := .venv/bin/python
-XVFB := $(shell [ -z "$$DISPLAY" ] && command -v xvfb-run >/dev/null && echo "xvfb-run -a -s '-screen 0 1600x1000x24'")
 
 setup:
 	@bash scripts/setup.sh
@@ -14,9 +13,7 @@ demo-headless: setup
 	$(PY) -m napari_selfreg.demo --headless
 
 test: setup
-	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
-	$(XVFB) $(PY) -m pytest -p no:cacheprovider
+	bash scripts/test.sh
 
 bench: setup
 	$(PY) benchmarks/inference.py

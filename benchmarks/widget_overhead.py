@@ -65,7 +65,7 @@ def main() -> None:
     from qtpy.QtCore import QEventLoop
 
     from napari_selfreg.data import make_phantom
-    from napari_selfreg.predict import Predictor
+    from napari_selfreg.inference import Predictor
     from napari_selfreg.widgets._common import JobPanel
     from napari_selfreg.widgets.segment import SegmentWidget
 

@@ -16,9 +16,9 @@ _LAZY = {
     "save_model": "napari_selfreg.modelfile",
     "load_model": "napari_selfreg.modelfile",
     "list_models": "napari_selfreg.modelfile",
-    "segment": "napari_selfreg.predict",
-    "iter_segment": "napari_selfreg.predict",
-    "Predictor": "napari_selfreg.predict",
+    "segment": "napari_selfreg.inference",
+    "iter_segment": "napari_selfreg.inference",
+    "Predictor": "napari_selfreg.inference",
     "read_volume": "napari_selfreg.io",
     "write_labels": "napari_selfreg.io",
 }

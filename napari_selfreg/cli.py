@@ -209,7 +209,7 @@ def cmd_segment(args) -> int:
     import numpy as np
 
     from . import io
-    from .predict import Predictor
+    from .inference import Predictor
     from .review import rank_slices
 
     inputs, folder_mode = expand_inputs(args.inputs)

@@ -30,7 +30,7 @@ def predict_volume(
     The predictor normalises the image with the card's spec, tiles it with the
     card's patch size and runs 2D models slice by slice.
     """
-    from napari_selfreg.predict import Predictor
+    from napari_selfreg.inference import Predictor
 
     if not isinstance(precision, str):
         precision = precision_name(precision)

@@ -247,7 +247,7 @@ def _changed_against_prediction(
 ) -> Generator[Any, None, np.ndarray]:
     """Voxels whose label differs from the base model's prediction (a generator: the
     prediction yields its progress and can be cancelled)."""
-    from napari_selfreg.predict import Predictor
+    from napari_selfreg.inference import Predictor
 
     predictor = Predictor(bundle, device=cfg.device, precision=cfg.precision)
     result = yield from predictor.iter_segment(image, affine=affine)

@@ -66,7 +66,8 @@ def segment_job(
     Returns:
         ``(card, model_path, SegmentationResult)``.
     """
-    from ..predict import Predictor, Progress
+    from ..inference import Predictor
+    from ..jobs import Progress
 
     yield Progress(0, 0, "prepare", f"Loading model {model_path.name}…")
     predictor = Predictor(model_path, **options)
