@@ -31,8 +31,8 @@ from machine import machine_info  # benchmarks/machine.py
 from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
 from napari_selfreg import data
-from napari_selfreg.modelfile import load_model
 from napari_selfreg.inference import Predictor
+from napari_selfreg.modelfile import load_model
 from napari_selfreg.training.synthesis import degrade_resolution, held_out_scan
 
 SEED = 1001  # the recipe validates on seeds 11-13

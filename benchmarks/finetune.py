@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from machine import machine_info  # benchmarks/machine.py
 
+from napari_selfreg.inference import Predictor
 from napari_selfreg.jobs import drain
 from napari_selfreg.modelfile import load_model
-from napari_selfreg.inference import Predictor
 from napari_selfreg.training import FinetuneConfig
 from napari_selfreg.training import heads as H
 from napari_selfreg.training.finetune import iter_finetune

@@ -45,8 +45,8 @@ from machine import machine_info  # benchmarks/machine.py
 
 from napari_selfreg import models
 from napari_selfreg.device import cpu_bf16_fast
-from napari_selfreg.modelfile import ModelBundle, ModelCard, ModelFileError, load_model, save_model
 from napari_selfreg.inference import Predictor
+from napari_selfreg.modelfile import ModelBundle, ModelCard, ModelFileError, load_model, save_model
 from napari_selfreg.preprocess import normalize
 
 RESULTS = Path(__file__).parent / "results" / "inference.json"

@@ -59,6 +59,7 @@ def napari_get_reader(path: str | os.PathLike | list) -> Callable[[Any], list[La
 
 def read_layers(path: str | os.PathLike | list) -> list[LayerData]:
     """Read one volume as napari layer data ``[(data, kwargs, "image" | "labels")]``."""
+    from .geometry import display_axes
     from .io import napari_transform, read_volume
 
     if isinstance(path, list | tuple):
@@ -87,22 +88,6 @@ def read_layers(path: str | os.PathLike | list) -> list[LayerData]:
     if _looks_like_labels(data, name):
         return [(data, kwargs, "labels")]
     return [(data, kwargs, "image")]
-
-
-def display_axes(affine: np.ndarray, ndim: int) -> tuple[int, ...]:
-    """File axes in the order of the world axes they are closest to (identity for 2D).
-
-    napari slices a layer along its data axes and cannot display a 3D layer whose
-    affine swaps the sliced axis with a displayed one (a singular 2D block), as
-    sagittal or coronal acquisitions do; the reader therefore hands napari the
-    array transposed to world order (a view), and the writer transposes it back.
-    """
-    identity = tuple(range(ndim))
-    if ndim != 3:
-        return identity
-    lin = np.abs(np.asarray(affine, dtype=float)[:3, :3])
-    order = tuple(int(i) for i in np.argmax(lin, axis=1))  # world axis d <- file axis order[d]
-    return order if sorted(order) == list(identity) else identity
 
 
 def _layer_name(path: Path) -> str:

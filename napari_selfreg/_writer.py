@@ -41,33 +41,15 @@ def write_image(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
 
 
 def layer_affine(meta: dict[str, Any], ndim: int) -> np.ndarray:
-    """The ``(4, 4)`` voxel-to-world matrix of a layer from its state dict ``meta``.
+    """The ``(4, 4)`` voxel-to-world matrix of a layer from its state dict ``meta``
+    (:func:`geometry.world_matrix`; a 2D layer gets an identity third axis)."""
+    from .geometry import volume_affine, world_matrix
 
-    napari maps data to world as ``affine @ (translate + rotate @ shear @ scale)``;
-    a 2D layer gets an identity third axis.
-    """
-    from napari.utils.transforms import Affine
-
-    physical = Affine(
-        scale=meta.get("scale", np.ones(ndim)),
-        translate=meta.get("translate", np.zeros(ndim)),
-        rotate=meta.get("rotate"),
-        shear=meta.get("shear"),
-        ndim=ndim,
-    ).affine_matrix
-    outer = meta.get("affine")
-    outer = (
-        np.eye(ndim + 1) if outer is None else np.asarray(getattr(outer, "affine_matrix", outer))
-    )
-    matrix = outer @ physical
-    if ndim == 3:
-        return matrix
-    if ndim == 2:
-        out = np.eye(4)
-        out[:2, :2] = matrix[:2, :2]
-        out[:2, 3] = matrix[:2, 2]
-        return out
-    raise ValueError(f"only 2D and 3D layers can be written as NIfTI, not {ndim}D")
+    matrix = world_matrix(
+        meta.get("scale", np.ones(ndim)), meta.get("translate"), meta.get("rotate"),
+        meta.get("shear"), meta.get("affine"),
+    )  # fmt: skip
+    return volume_affine(matrix, ndim)
 
 
 def _prepare(path: str, data: Any, meta: dict[str, Any]):

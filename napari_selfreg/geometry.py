@@ -19,7 +19,7 @@ import numpy as np
 def spacing_from_affine(affine: np.ndarray, ndim: int = 3) -> tuple[float, ...]:
     """Voxel size per array axis: the norms of the affine's first ``ndim`` columns."""
     a = np.asarray(affine, dtype=np.float64)
-    return tuple(float(v) for v in np.sqrt((a[:ndim, :ndim] ** 2).sum(axis=0)))
+    return tuple(float(v) for v in np.sqrt((a[:-1, :ndim] ** 2).sum(axis=0)))
 
 
 def axis_codes(affine: np.ndarray) -> str:
@@ -116,3 +116,116 @@ def _as_dask(array):
     import dask.array as da
 
     return array if isinstance(array, da.Array) else da.from_array(array, chunks="auto")
+
+
+# ----------------------------------------------------------------------------- napari layers
+
+
+def world_matrix(scale, translate=None, rotate=None, shear=None, affine=None) -> np.ndarray:
+    """A napari layer's ``(n + 1, n + 1)`` data-to-world matrix, computed without napari.
+
+    napari maps data to world as ``affine @ (translate + rotate @ shear @ diag(scale))``;
+    ``rotate`` is a matrix (or a 2D angle in degrees), ``shear`` a matrix or the vector
+    of its upper-triangular values, ``affine`` a matrix or an object with
+    ``affine_matrix`` (napari's ``Affine``).
+    """
+    scale = np.asarray(scale, dtype=float)
+    n = scale.size
+    translate = np.zeros(n) if translate is None else np.asarray(translate, dtype=float)
+    rot = np.eye(n)
+    if rotate is not None:
+        r = np.asarray(rotate, dtype=float)
+        if r.ndim == 0 and n == 2:
+            a = np.deg2rad(float(r))
+            r = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        if r.shape != (n, n):
+            raise ValueError(f"rotate must be an {n} x {n} matrix here, got shape {r.shape}")
+        rot = r
+    shr = np.eye(n)
+    if shear is not None:
+        s = np.asarray(shear, dtype=float)
+        if s.ndim == 1:
+            upper = np.triu(np.ones((n, n), bool), 1)
+            if s.size != upper.sum():
+                raise ValueError(f"{s.size} shear values do not fit {n} dimensions")
+            shr[upper] = s
+        else:
+            shr = s
+    physical = np.eye(n + 1)
+    physical[:n, :n] = rot @ shr @ np.diag(scale)
+    physical[:n, n] = translate
+    outer = np.eye(n + 1) if affine is None else np.asarray(getattr(affine, "affine_matrix", affine), dtype=float)  # fmt: skip
+    return outer @ physical
+
+
+def layer_world_matrix(layer) -> np.ndarray:
+    """The data-to-world matrix of a napari layer (duck-typed: any object with napari's
+    ``scale``, ``translate``, ``rotate``, ``shear`` and ``affine``)."""
+    return world_matrix(layer.scale, layer.translate, layer.rotate, layer.shear, layer.affine)
+
+
+def volume_affine(matrix: np.ndarray, ndim: int) -> np.ndarray:
+    """A layer's data-to-world matrix as the ``(4, 4)`` affine of a volume file
+    (a 2D layer gets an identity third axis)."""
+    matrix = np.asarray(matrix, dtype=float)
+    if ndim == 3:
+        return matrix
+    if ndim == 2:
+        out = np.eye(4)
+        out[:2, :2] = matrix[:2, :2]
+        out[:2, 3] = matrix[:2, 2]
+        return out
+    raise ValueError(f"only 2D and 3D layers can be written as NIfTI, not {ndim}D")
+
+
+def layer_kwargs(affine: np.ndarray, ndim: int = 3) -> dict:
+    """Layer keyword arguments that place a volume in world millimetres in napari.
+
+    napari's world axis ``d`` is then world axis ``d`` of the affine, i.e. for
+    nibabel-style volumes the world axes are (x, y, z) = (R, A, S) in mm, and
+    for TIFF stacks (Z, Y, X) in mm; layers of scans in one frame overlay.
+    Axis-aligned affines without flips or permutations give ``scale`` and
+    ``translate``; any other (flips, permutations, obliques, shears) gives the
+    full ``affine`` ((ndim+1) x (ndim+1)), which napari applies on top of the
+    (default) scale and translate. In napari's 2D view an oblique affine is
+    drawn without its out-of-slice rotation (napari warns "Non-orthogonal
+    slicing"); coordinates and the 3D view are exact, and labels given the same
+    kwargs overlay the image voxel for voxel. For 2D volumes the in-plane part is used
+    when the slice lies in the world x-y plane, otherwise only the pixel size
+    (``scale``) is kept, in the slice's own plane.
+
+    Returns:
+        ``{"scale": tuple, "translate": tuple}`` or ``{"affine": list of lists}``.
+    """
+    affine, nd = np.asarray(affine, dtype=np.float64), ndim
+    lin = affine[:nd, :nd]
+    shift = affine[:nd, 3]
+    if nd == 2 and (abs(np.linalg.det(lin)) < 1e-9 or np.abs(affine[2, :2]).max() > 1e-6):
+        return {"scale": spacing_from_affine(affine, 2), "translate": (0.0, 0.0)}
+    diag = np.diag(lin)
+    if np.allclose(lin, np.diag(diag), rtol=0, atol=1e-9 * np.abs(diag).max()) and np.all(
+        diag > 0
+    ):
+        return {
+            "scale": tuple(float(v) for v in diag),
+            "translate": tuple(float(v) for v in shift),
+        }
+    out = np.eye(nd + 1)
+    out[:nd, :nd], out[:nd, nd] = lin, shift
+    return {"affine": out.tolist()}
+
+
+def display_axes(affine: np.ndarray, ndim: int) -> tuple[int, ...]:
+    """File axes in the order of the world axes they are closest to (identity for 2D).
+
+    napari slices a layer along its data axes and cannot display a 3D layer whose
+    affine swaps the sliced axis with a displayed one (a singular 2D block), as
+    sagittal or coronal acquisitions do; the reader therefore hands napari the
+    array transposed to world order (a view), and the writer transposes it back.
+    """
+    identity = tuple(range(ndim))
+    if ndim != 3:
+        return identity
+    lin = np.abs(np.asarray(affine, dtype=float)[:3, :3])
+    order = tuple(int(i) for i in np.argmax(lin, axis=1))  # world axis d <- file axis order[d]
+    return order if sorted(order) == list(identity) else identity

@@ -92,7 +92,9 @@ class Volume:
 
 
 def _spacing(affine: np.ndarray, nd: int) -> tuple[float, ...]:
-    return tuple(float(v) for v in np.sqrt((affine[:3, :nd] ** 2).sum(axis=0)))
+    from .geometry import spacing_from_affine
+
+    return spacing_from_affine(affine, nd)
 
 
 def _f32(affine: np.ndarray) -> np.ndarray:
@@ -525,44 +527,10 @@ def write_labels(
 
 
 def napari_transform(volume_or_affine: Volume | np.ndarray, ndim: int | None = None) -> dict:
-    """Layer keyword arguments that place a volume in world millimetres in napari.
+    """Layer keyword arguments that place a volume (or a ``(4, 4)`` affine, ``ndim``
+    spatial axes, default 3) in world millimetres: :func:`geometry.layer_kwargs`."""
+    from .geometry import layer_kwargs
 
-    napari's world axis ``d`` is then world axis ``d`` of the affine, i.e. for
-    nibabel-style volumes the world axes are (x, y, z) = (R, A, S) in mm, and
-    for TIFF stacks (Z, Y, X) in mm; layers of scans in one frame overlay.
-    Axis-aligned affines without flips or permutations give ``scale`` and
-    ``translate``; any other (flips, permutations, obliques, shears) gives the
-    full ``affine`` ((ndim+1) x (ndim+1)), which napari applies on top of the
-    (default) scale and translate. In napari's 2D view an oblique affine is
-    drawn without its out-of-slice rotation (napari warns "Non-orthogonal
-    slicing"); coordinates and the 3D view are exact, and labels given the same
-    kwargs overlay the image voxel for voxel. For 2D volumes the in-plane part is used
-    when the slice lies in the world x-y plane, otherwise only the pixel size
-    (``scale``) is kept, in the slice's own plane.
-
-    Args:
-        volume_or_affine: a Volume, or a ``(4, 4)`` affine.
-        ndim: spatial dims when an affine is given (default 3).
-
-    Returns:
-        ``{"scale": tuple, "translate": tuple}`` or ``{"affine": list of lists}``.
-    """
     if isinstance(volume_or_affine, Volume):
-        affine, nd = volume_or_affine.affine, volume_or_affine.ndim
-    else:
-        affine, nd = np.asarray(volume_or_affine, dtype=np.float64), ndim or 3
-    lin = affine[:nd, :nd]
-    shift = affine[:nd, 3]
-    if nd == 2 and (abs(np.linalg.det(lin)) < 1e-9 or np.abs(affine[2, :2]).max() > 1e-6):
-        return {"scale": _spacing(affine, 2), "translate": (0.0, 0.0)}
-    diag = np.diag(lin)
-    if np.allclose(lin, np.diag(diag), rtol=0, atol=1e-9 * np.abs(diag).max()) and np.all(
-        diag > 0
-    ):
-        return {
-            "scale": tuple(float(v) for v in diag),
-            "translate": tuple(float(v) for v in shift),
-        }
-    out = np.eye(nd + 1)
-    out[:nd, :nd], out[:nd, nd] = lin, shift
-    return {"affine": out.tolist()}
+        return layer_kwargs(volume_or_affine.affine, volume_or_affine.ndim)
+    return layer_kwargs(volume_or_affine, ndim or 3)

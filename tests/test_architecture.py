@@ -32,7 +32,9 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_the_core_does_not_import_the_training_module():
     offenders = {
-        str(p.relative_to(ROOT)): sorted(n for n in imported_modules(p) if n.startswith("napari_selfreg.training"))  # fmt: skip
+        str(p.relative_to(ROOT)): sorted(
+            n for n in imported_modules(p) if n.startswith("napari_selfreg.training")
+        )  # fmt: skip
         for p in CORE
     }
     assert not {k: v for k, v in offenders.items() if v}

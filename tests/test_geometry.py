@@ -129,3 +129,22 @@ def test_slice_scores_come_in_the_stored_order_and_rank_uncertain_slices():
     reviewed = np.zeros((4, 3, 3), bool)
     reviewed[2, 1, 1] = True
     assert reviewed_slices(reviewed, 0) == [2] and reviewed_slices(None, 0) == []
+
+
+def test_world_matrix_is_napari_s_data_to_world_transform():
+    from napari.utils.transforms import Affine
+
+    from napari_selfreg.geometry import world_matrix
+
+    rng = np.random.default_rng(4)
+    for n in (2, 3):
+        scale, translate = rng.uniform(0.5, 2, n), rng.normal(size=n)
+        rotate = Affine(rotate=25.0 if n == 2 else (10.0, 20.0, 30.0), ndim=n).rotate
+        shear = rng.normal(0, 0.1, n * (n - 1) // 2)
+        outer = np.eye(n + 1)
+        outer[:n, :n] = np.linalg.qr(rng.normal(size=(n, n)))[0]
+        napari = (
+            Affine(affine_matrix=outer).affine_matrix
+            @ Affine(scale=scale, translate=translate, rotate=rotate, shear=shear).affine_matrix
+        )
+        np.testing.assert_allclose(world_matrix(scale, translate, rotate, shear, outer), napari, atol=1e-12)  # fmt: skip

@@ -63,6 +63,7 @@ from qtpy.QtWidgets import (
 )
 from superqt.utils import GeneratorWorker
 
+from ..geometry import layer_world_matrix
 from ..jobs import Progress, TimeLeft, format_seconds
 
 __all__ = [
@@ -169,16 +170,6 @@ def layer_transform(layer) -> dict[str, Any]:
         "shear": np.array(layer.shear, dtype=float),
         "affine": np.array(layer.affine.affine_matrix, dtype=float),
     }
-
-
-def layer_world_matrix(layer) -> np.ndarray:
-    """The layer's ``(ndim + 1, ndim + 1)`` data-to-world matrix (affine after scale etc.)."""
-    from napari.utils.transforms import Affine
-
-    physical = Affine(
-        scale=layer.scale, translate=layer.translate, rotate=layer.rotate, shear=layer.shear
-    )
-    return np.asarray(layer.affine.affine_matrix, dtype=float) @ physical.affine_matrix
 
 
 def layer_spacing(layer) -> tuple[float, ...]:

@@ -435,7 +435,7 @@ class FinetuneWidget(QWidget):
 
     def run(self):
         """Fine-tune on copies of the chosen image and labels in a worker; returns the worker."""
-        from ._common import layer_world_matrix
+        from ..geometry import layer_world_matrix
 
         if self.job.busy:
             warn("A fine-tuning is already running; wait for it to finish or press Cancel.")

@@ -17,7 +17,6 @@ from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.layers import Image, Points, Shapes
 from napari.qt.threading import create_worker
-from napari.utils.transforms import Affine
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -28,6 +27,7 @@ from qtpy.QtWidgets import (
 )
 
 from .. import analysis
+from ..geometry import world_matrix
 from ._common import JobPanel, LayerPicker, ModelPicker, user_error, warn
 
 if TYPE_CHECKING:
@@ -252,9 +252,7 @@ class InspectWidget(QWidget):
             "rotate": np.asarray(layer.rotate),
             "shear": np.asarray(layer.shear),
             "affine": layer.affine.affine_matrix,
-            "linear": Affine(
-                scale=layer.scale, rotate=layer.rotate, shear=layer.shear
-            ).linear_matrix,
+            "linear": world_matrix(layer.scale, None, layer.rotate, layer.shear)[:-1, :-1],
             "class_names": bundles[0].card.class_names,
             "block": block,
         }

@@ -46,8 +46,8 @@ import torch
 
 from napari_selfreg import data
 from napari_selfreg.device import reuse_freed_memory
-from napari_selfreg.modelfile import load_model
 from napari_selfreg.inference import Predictor
+from napari_selfreg.modelfile import load_model
 from napari_selfreg.training import TrainConfig, Trainer, case_from_arrays, train
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
