@@ -38,8 +38,12 @@ def iter_inspect(
     device="cpu",
     precision="fp32",
     draws: int = 4,
+    affine=None,
 ) -> Generator[Any, None, list[ModelInspection]]:
     """Everything the inspector shows, for one or two models; yields ``jobs.Progress``.
+
+    ``affine`` (the image's voxel-to-world matrix) brings the region to each model's
+    orientation; the maps come back in the image's order.
 
     Returns (as ``StopIteration.value``) one :class:`ModelInspection` per bundle.
     Cancelling between yields leaves nothing half-done.
@@ -52,7 +56,7 @@ def iter_inspect(
     for bundle in bundles:
         name = bundle.card.name
         yield Progress(done, total, "features", f"{name}: features")
-        fs = extract_features(bundle, image, region, spacing, device, precision)
+        fs = extract_features(bundle, image, region, spacing, device, precision, affine)
         if block not in fs.features:
             raise InspectError(f"model {name!r} has no block {block!r}")
         done += 1
@@ -72,7 +76,7 @@ def iter_inspect(
         if cam:
             yield Progress(done, total, "grad-cam", f"{name}: Grad-CAM")
             result.cams = grad_cam(
-                bundle, image, cam_class, None, region, spacing, device, precision
+                bundle, image, cam_class, None, region, spacing, device, precision, affine
             )
             done += 1
         results.append(result)

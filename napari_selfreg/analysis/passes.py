@@ -59,8 +59,9 @@ class CamSet:
     notes: list[str] = field(default_factory=list)
 
 
-def _prepare(bundle, image, region, spacing):
-    """Checked, normalised model input ``(1, C_in, *S)`` (float32 numpy) and its geometry."""
+def _prepare(bundle, image, region, spacing, affine=None):
+    """The checked image, its region and geometry, and how to reorient the region to the
+    model's orientation (``None``: as stored)."""
     net, card = bundle.network, bundle.card
     image = np.asarray(image)
     n_in = card.in_channels
@@ -88,6 +89,13 @@ def _prepare(bundle, image, region, spacing):
             raise InspectError("a 2D model on a 3D image needs a region one slice thick")
         squeeze = thin[0]
     notes = []
+    turn = None
+    if affine is not None and getattr(card, "orientation", None) and squeeze is None and len(spatial) == 3:  # fmt: skip
+        from ..geometry import reorientation, spacing_from_affine
+
+        turn = reorientation(affine, card.orientation)
+        spacing = turn.spacing(spacing or spacing_from_affine(affine))
+        turn = None if turn.identity else turn
     if spacing is not None and card.spacing is not None:
         sp = np.asarray(spacing, float)[-len(card.spacing) :]
         if not np.allclose(sp, card.spacing, rtol=0.25):
@@ -96,11 +104,12 @@ def _prepare(bundle, image, region, spacing):
                 f"from the model's {' x '.join(f'{float(v):g}' for v in card.spacing)}; "
                 "features may be off"
             )
-    return image, region, shape, squeeze, notes
+    return image, region, shape, squeeze, notes, turn
 
 
-def _input_tensor(bundle, image, region, squeeze, device):
-    """Crop normalised with the whole image's statistics (per channel): ``(1, C_in, *S)``."""
+def _input_tensor(bundle, image, region, squeeze, device, turn=None):
+    """Crop normalised with the whole image's statistics (per channel), in the model's
+    orientation: ``(1, C_in, *S)``."""
     import torch
 
     from ..preprocess import apply_normalization, normalization_stats
@@ -112,6 +121,8 @@ def _input_tensor(bundle, image, region, squeeze, device):
     )
     if squeeze is not None:
         crop = crop.squeeze(squeeze + 1)
+    if turn is not None:
+        crop = turn.apply(crop, lead=1)
     return torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None].to(device)
 
 
@@ -124,6 +135,11 @@ def _device_and_dtype(device, precision):
 
 def _unsqueeze(a: np.ndarray, squeeze: int | None) -> np.ndarray:
     return a if squeeze is None else np.expand_dims(a, squeeze + 1)
+
+
+def _stored(a: np.ndarray, turn, lead: int = 1) -> np.ndarray:
+    """A map in the model's orientation back in the image's stored order."""
+    return a if turn is None else np.ascontiguousarray(turn.undo(a, lead=lead))
 
 
 def _model_key(bundle) -> tuple:
@@ -159,7 +175,7 @@ def _region_key(region) -> tuple:
 
 
 def extract_features(
-    bundle, image, region=None, spacing=None, device="cpu", precision="fp32"
+    bundle, image, region=None, spacing=None, device="cpu", precision="fp32", affine=None
 ) -> FeatureSet:
     """Run ``forward_features`` once on a region of ``image``; cached.
 
@@ -171,18 +187,21 @@ def extract_features(
         spacing: image voxel spacing per axis (checked against the model card).
         device: ``cpu``, ``cuda`` or ``auto``.
         precision: ``fp32``, ``bf16``, ``fp16`` or ``auto`` (see ``device.resolve_precision``).
+        affine: the image's voxel-to-world matrix: the region is brought to the model's
+            orientation (its card's) and the maps back to the image's order.
     """
     import torch
 
     from ..device import autocast
 
-    image, region, shape, squeeze, notes = _prepare(bundle, image, region, spacing)
+    image, region, shape, squeeze, notes, turn = _prepare(bundle, image, region, spacing, affine)
     device, dtype = _device_and_dtype(device, precision)
     key = ("features", _model_key(bundle), _image_key(image), _region_key(region), dtype)
+    key += (turn,)
 
     def compute() -> FeatureSet:
         net = bundle.network.to(device).eval()
-        x = _input_tensor(bundle, image, region, squeeze, device)
+        x = _input_tensor(bundle, image, region, squeeze, device, turn)
         with torch.inference_mode(), autocast(device, dtype):
             logits, feats = net.forward_features(x)
         red = {f.name: f.reduction for f in net.feature_info}
@@ -195,9 +214,10 @@ def extract_features(
         return FeatureSet(
             model=bundle.card.name,
             features={
-                k: _unsqueeze(v[0].float().cpu().numpy(), squeeze) for k, v in feats.items()
+                k: _stored(_unsqueeze(v[0].float().cpu().numpy(), squeeze), turn)
+                for k, v in feats.items()
             },
-            logits=_unsqueeze(logits[0].float().cpu().numpy(), squeeze),
+            logits=_stored(_unsqueeze(logits[0].float().cpu().numpy(), squeeze), turn),
             origin=tuple(s.start for s in region),
             shape=shape,
             reductions=reductions,
@@ -216,6 +236,7 @@ def grad_cam(
     spacing=None,
     device="cpu",
     precision="fp32",
+    affine=None,
 ) -> CamSet:
     """Per-block Grad-CAM as in SelfReg-UNet's figures; cached.
 
@@ -231,7 +252,7 @@ def grad_cam(
     from ..device import autocast
     from ..models.unet import pad_to_multiple
 
-    image, region, shape, squeeze, notes = _prepare(bundle, image, region, spacing)
+    image, region, shape, squeeze, notes, turn = _prepare(bundle, image, region, spacing, affine)
     net = bundle.network
     k = bundle.card.num_classes
     if class_index is not None and not 0 <= int(class_index) < k:
@@ -239,11 +260,11 @@ def grad_cam(
     device, dtype = _device_and_dtype(device, precision)
     names = tuple(blocks) if blocks is not None else tuple(f.name for f in net.feature_info)
     key = ("cam", _model_key(bundle), _image_key(image), _region_key(region), dtype)
-    key += (class_index, names)
+    key += (class_index, names, turn)
 
     def compute() -> CamSet:
         net.to(device).eval()
-        x = _input_tensor(bundle, image, region, squeeze, device)
+        x = _input_tensor(bundle, image, region, squeeze, device, turn)
         size = x.shape[2:]
         divisor = int(getattr(net, "divisor", max(f.reduction for f in net.feature_info)))
         x = pad_to_multiple(x, divisor).requires_grad_(True)
@@ -276,7 +297,8 @@ def grad_cam(
             cam = cam[(0, 0, *[slice(0, s) for s in size])]
             top = float(cam.max())
             cam = cam / top if top > 0 else cam
-            maps[name] = _unsqueeze(cam.cpu().numpy()[None], squeeze)[0].astype(np.float32)
+            cam = _unsqueeze(cam.cpu().numpy()[None], squeeze)[0].astype(np.float32)
+            maps[name] = _stored(cam, turn, lead=0)
         return CamSet(
             model=bundle.card.name,
             maps=maps,
