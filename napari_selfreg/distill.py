@@ -1,6 +1,6 @@
 """Channel-softmax KL self-distillation between blocks of a U-shaped network (MISSU).
 
-Formulas: ``shared/method.md`` section 2. At every voxel the teacher's and the
+Formulas: ``docs/method.md`` section 2. At every voxel the teacher's and the
 student's channels are turned into distributions with a softmax at temperature
 ``tau``; the loss of one level is ``tau^2 * KL(teacher || student)`` averaged
 over the voxels and the batch, with the teacher detached. Levels are weighted

@@ -1,6 +1,6 @@
 """SelfReg-UNet's training-only losses (SCR, IFD) and the segmentation loss.
 
-Formulas: ``shared/method.md`` section 1. All functions take 2D ``(B, C, H, W)``
+Formulas and what the losses do, measured: ``docs/method.md`` section 1. All functions take 2D ``(B, C, H, W)``
 or 3D ``(B, C, D, H, W)`` tensors of any size; reductions are in float32.
 """
 
@@ -35,11 +35,14 @@ def scr_loss(
 
 
 def ifd_loss(feature: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Internal feature distillation (channel redundancy reduction) of one block.
+    """Internal feature distillation of one block: top-half to bottom-half channel
+    distillation.
 
     Channels are scored by the mean of their spatially L2-normalised maps,
     sorted (descending, no gradient through the order) and the top half is
-    pulled towards the bottom half: ``mean((top - bottom)^2)``.
+    pulled towards the bottom half: ``mean((top - bottom)^2)``. The paper calls it
+    redundancy reduction; as specified it raises channel similarity (measured:
+    ``docs/method.md``).
     """
     return block_terms(feature, ifd=True, eps=eps)["ifd"]
 

@@ -10,7 +10,7 @@ import numpy as np
 
 @dataclass
 class BlockStats:
-    """Redundancy statistics of one block (see ``shared/method.md``)."""
+    """Redundancy statistics of one block (see ``docs/method.md``)."""
 
     channels: int
     mean_abs_cos: float

@@ -1,6 +1,6 @@
 """MISSU: the self-distilling 3D TransUNet (Wang et al., IEEE TMI 2023).
 
-Backbone (``shared/method.md`` section 2, TransBTS lineage): a CNN stem of
+Backbone (``docs/method.md`` section 2, TransBTS lineage): a CNN stem of
 pre-activation residual blocks (GroupNorm, ReLU) at ``channels`` with stride-2
 3^3 convs between the levels; a tokeniser (norm, ReLU, 3^3 conv to ``embed_dim``)
 with a learned positional embedding sized from ``img_size`` (trilinearly
@@ -26,7 +26,8 @@ Self-distillation (training only, :meth:`MISSU.training_losses`): the skip x_k
 teaches the decoder feature y_k through a channel-softmax KL
 (:mod:`napari_selfreg.distill`) with explicit level weights ``kd_weights``
 (deepest level first) and temperature ``kd_tau``. With ``training_modules=True``
-the teacher is ``T_k = LMSF_k(x_k)``, a local multi-scale fusion block (dense
+the teacher is ``T_k = LMSF_k(x_k)``, a local multi-scale fusion block (our
+reconstruction: LMSF is not in the authors' repository; dense
 atrous 3^3 convs with dilations 1, 3, 5 and a 1x1x1 projection, residual).
 The paper leaves open how LMSF learns; here each ``T_k`` feeds a 1x1x1
 auxiliary segmentation head whose upsampled logits get the segmentation loss
