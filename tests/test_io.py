@@ -5,6 +5,7 @@ import gzip
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -418,7 +419,7 @@ def test_write_errors_leave_no_partial_file(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(io.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
     with pytest.raises(VolumeWriteError, match="is not writable"):
         io.write_volume(tmp_path / "ro.nii", data, affine=affine)
     assert list(tmp_path.iterdir()) == []

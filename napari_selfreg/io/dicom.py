@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import LPS_TO_RAS, Volume, VolumeReadError, _f32, _make_volume
+from .volume import LPS_TO_RAS, Volume, VolumeReadError, _f32, _make_volume
 
 
 @dataclass
