@@ -180,3 +180,12 @@ def test_bf16_gradients_do_not_depend_on_old_memory(name):
         for pname, grad in runs[0].items():
             for other in runs[1:]:
                 assert torch.equal(other[pname], grad), f"{shape}: gradient of {pname} depends on old memory"  # fmt: skip
+
+
+def test_absurd_widths_are_refused_before_anything_is_allocated():
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="M parameters, more than"):
+        models.build("unet3d", channels=[4096, 8192, 16384])
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB

@@ -250,7 +250,7 @@ def grad_cam(
     import torch.nn.functional as F
 
     from ..device import autocast
-    from ..models.unet import pad_to_multiple
+    from ..models.layers import pad_to_multiple
 
     image, region, shape, squeeze, notes, turn = _prepare(bundle, image, region, spacing, affine)
     net = bundle.network

@@ -1,9 +1,13 @@
-"""Layers shared by the 3D networks."""
+"""Layers and helpers shared by the networks: the guarded 3D convolution, padding to a
+multiple of the down-sampling and cropping back."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class Conv3d(nn.Conv3d):
@@ -29,3 +33,21 @@ class Conv3d(nn.Conv3d):
             with torch.autocast("cpu", enabled=False):
                 return super().forward(x.float())
         return super().forward(x)
+
+
+def pad_to_multiple(x: torch.Tensor, divisor: int) -> torch.Tensor:
+    """Pad the spatial axes at their end (replicate) to a multiple of ``divisor``."""
+    pads = []
+    for s in reversed(x.shape[2:]):
+        pads += [0, (-s) % divisor]
+    if not any(pads):
+        return x
+    return F.pad(x, pads, mode="replicate")
+
+
+def crop_to(x: torch.Tensor, size: Sequence[int], reduction: int) -> torch.Tensor:
+    """Crop a feature of stride ``reduction`` to cover an input of ``size``."""
+    target = [-(-s // reduction) for s in size]
+    if list(x.shape[2:]) == target:
+        return x
+    return x[(..., *[slice(0, t) for t in target])]

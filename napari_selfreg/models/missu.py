@@ -54,9 +54,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..distill import distillation_loss, level_pairs
-from . import FeatureInfo, register_model
-from .layers import Conv3d
-from .unet import crop_to, pad_to_multiple
+from ._registry import FeatureInfo, register_model
+from .layers import Conv3d, crop_to, pad_to_multiple
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

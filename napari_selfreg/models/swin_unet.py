@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import FeatureInfo, register_model
-from .unet import crop_to, pad_to_multiple
+from ._registry import FeatureInfo, register_model
+from .layers import crop_to, pad_to_multiple
 
 _MASKED = -100.0  # additive attention mask value (finite: safe under bf16 autocast)
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import FeatureInfo, register_model
-from .layers import Conv3d
+from ._registry import FeatureInfo, register_model
+from .layers import Conv3d, crop_to, pad_to_multiple
 
 _CONV = {2: nn.Conv2d, 3: Conv3d}
 _CONV_T = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -194,24 +194,6 @@ class UNet(nn.Module):
             for info, t in zip(self.feature_info, tensors, strict=True)
         )
         return crop_to(logits, size, 1), features
-
-
-def pad_to_multiple(x: torch.Tensor, divisor: int) -> torch.Tensor:
-    """Pad the spatial axes at their end (replicate) to a multiple of ``divisor``."""
-    pads = []
-    for s in reversed(x.shape[2:]):
-        pads += [0, (-s) % divisor]
-    if not any(pads):
-        return x
-    return F.pad(x, pads, mode="replicate")
-
-
-def crop_to(x: torch.Tensor, size: Sequence[int], reduction: int) -> torch.Tensor:
-    """Crop a feature of stride ``reduction`` to cover an input of ``size``."""
-    target = [-(-s // reduction) for s in size]
-    if list(x.shape[2:]) == target:
-        return x
-    return x[(..., *[slice(0, t) for t in target])]
 
 
 @register_model("unet2d")
