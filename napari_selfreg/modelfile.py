@@ -11,9 +11,9 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ CARD_FILE = "model.json"
 FORMAT = "napari-selfreg-model"
 FORMAT_VERSION = 1
 DEFAULT_MODEL = "brain-tissue-unet3d"
+log = logging.getLogger(__name__)
 BUNDLED_DIR = Path(__file__).parent / "bundled_models"
 
 DEFAULT_COLORS = [
@@ -33,6 +34,75 @@ DEFAULT_COLORS = [
 
 class ModelFileError(ValueError):
     """A model file is missing, corrupt or not a napari-selfreg model."""
+
+
+MAX_NAME = 100
+_AXES = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+
+
+def check_name(name: Any, what: str = "model name") -> str:
+    """``name`` if it can be a folder name; else :class:`ModelFileError` (one sentence).
+
+    No path separators, no ``..``, no leading dot, no control characters, at most
+    :data:`MAX_NAME` characters: a name from a card or a user never leads outside
+    the models folder.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ModelFileError(f"the {what} must be a non-empty text")
+    bad = (
+        "/" in name or "\\" in name or os.sep in name or ".." in name or name.startswith(".")
+        or any(ord(c) < 32 or ord(c) == 127 for c in name) or len(name) > MAX_NAME
+    )  # fmt: skip
+    if bad:
+        raise ModelFileError(
+            f"the {what} {name[:40]!r} cannot be a folder name: no path separators, '..', "
+            f"leading dot or control characters, at most {MAX_NAME} characters"
+        )
+    return name
+
+
+def _check_schema(card: ModelCard) -> None:
+    """Types and sizes of a card's fields (a card may come from anyone)."""
+
+    def fail(field_: str, expected: str) -> None:
+        raise ModelFileError(f"the model card's {field_!r} must be {expected}")
+
+    def is_list(value, kind, min_len=0, max_len=10_000) -> bool:
+        return (
+            isinstance(value, list)
+            and min_len <= len(value) <= max_len
+            and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+        )
+
+    check_name(card.name, "model card's name")
+    if not isinstance(card.architecture, str) or not card.architecture:
+        fail("architecture", "a name")
+    if not isinstance(card.options, dict) or not all(isinstance(k, str) for k in card.options):
+        fail("options", "a mapping of option names to values")
+    if not is_list(card.class_names, str, 1, 1000):
+        fail("class_names", "a list of 1 to 1000 names")
+    if not is_list(card.class_colors, str, 0, 1000):
+        fail("class_colors", "a list of colours like '#ff8800'")
+    if not isinstance(card.normalization, dict):
+        fail("normalization", "a mapping such as {'method': 'zscore'}")
+    if card.patch_size is not None and not (is_list(card.patch_size, int, 2, 3) and min(card.patch_size) > 0):  # fmt: skip
+        fail("patch_size", "2 or 3 positive whole numbers")
+    if card.spacing is not None and not (is_list(card.spacing, (int, float), 2, 3) and min(card.spacing) > 0):  # fmt: skip
+        fail("spacing", "2 or 3 positive numbers (mm)")
+    codes = card.orientation
+    if codes is not None and not (
+        isinstance(codes, str) and len(codes) == 3 and all(c in _AXES for c in codes)
+        and sorted(_AXES[c] for c in codes) == [0, 1, 2]
+    ):  # fmt: skip
+        fail("orientation", "three axis codes such as 'RAS'")
+    for name in ("training", "metrics"):
+        if not isinstance(getattr(card, name), dict):
+            fail(name, "a mapping")
+    for name in ("description", "created"):
+        if not isinstance(getattr(card, name), str):
+            fail(name, "a text")
+    if card.parent is not None and not isinstance(card.parent, str):
+        fail("parent", "a model name or folder")
 
 
 @dataclass
@@ -78,6 +148,7 @@ class ModelCard:
     created: str = ""
 
     def __post_init__(self) -> None:
+        _check_schema(self)
         n = int(self.options.get("num_classes", len(self.class_names)))
         if len(self.class_names) != n:
             raise ValueError(f"{len(self.class_names)} class names for {n} classes")
@@ -123,10 +194,13 @@ class ModelBundle:
 
 
 def user_models_dir() -> Path:
-    """Where user models live: ``$NAPARI_SELFREG_HOME/models`` or ``~/.local/share/napari-selfreg/models``."""
+    """Where user models live: ``$NAPARI_SELFREG_HOME/models``, else
+    ``$XDG_DATA_HOME/napari-selfreg/models`` (``~/.local/share`` when unset)."""
     home = os.environ.get("NAPARI_SELFREG_HOME")
-    base = Path(home) if home else Path.home() / ".local" / "share" / "napari-selfreg"
-    return base / "models"
+    if home:
+        return Path(home) / "models"
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "napari-selfreg" / "models"
 
 
 def save_model(
@@ -136,6 +210,7 @@ def save_model(
     *,
     new_version: bool = False,
     dtype: str | None = None,
+    name: str | None = None,
 ) -> Path:
     """Save ``network`` and ``card`` into a new model folder; return the folder.
 
@@ -147,6 +222,7 @@ def save_model(
         new_version: if the target exists, save as ``<name>-v2``, ``-v3``...
         dtype: store floating weights as ``"bfloat16"`` or ``"float16"`` (smaller
             files; loading casts back to float32). Default: as they are.
+        name: the name in the saved card (default: the folder's name).
 
     Raises:
         FileExistsError: the target exists and ``new_version`` is False.
@@ -156,7 +232,7 @@ def save_model(
     from safetensors.torch import save_file
 
     network = getattr(network, "module", network)
-    target = Path(path) if path is not None else user_models_dir() / card.name
+    target = Path(path) if path is not None else user_models_dir() / check_name(card.name)
     if target.exists():
         if not new_version:
             raise FileExistsError(
@@ -165,7 +241,7 @@ def save_model(
         target = next_version_path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     card = dataclasses.replace(
-        card, name=target.name, created=_dt.datetime.now(_dt.timezone.utc).isoformat()
+        card, name=name or target.name, created=_dt.datetime.now(_dt.timezone.utc).isoformat()
     )
     store = getattr(torch, dtype) if dtype else None
     tensors = {}
@@ -174,7 +250,10 @@ def save_model(
         if store is not None and value.is_floating_point():
             value = value.to(store)
         tensors[key] = value.contiguous()
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    from .files import clear_stale, temporary_path
+
+    clear_stale(target.parent)
+    tmp = temporary_path(target, "model", keep_suffix=False)
     try:
         tmp.mkdir()
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
@@ -236,6 +315,8 @@ def read_card(path: str | os.PathLike) -> ModelCard:
         raise ModelFileError(f"{path} is not a napari-selfreg model (no {CARD_FILE})") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelFileError(f"{card_path} is not valid JSON: {err}") from err
+    except RecursionError as err:
+        raise ModelFileError(f"{card_path} is nested too deeply to be a model card") from err
     if not isinstance(data, dict):
         raise ModelFileError(f"{card_path} is not a napari-selfreg model card")
     try:
@@ -258,6 +339,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu
 
     path = resolve_model_path(name_or_path)
     card = read_card(path)
+    _check_digest(path)
     try:
         state = load_file(str(path / WEIGHTS_FILE))
     except FileNotFoundError as err:
@@ -268,6 +350,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu
         network = models.build(card.architecture, **card.options)
     except (TypeError, ValueError) as err:
         raise ModelFileError(f"cannot build {card.architecture!r} from {path}: {err}") from err
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ModelFileError(f"{path} holds NaN or infinite weights (in {bad[0]}); it cannot be used")  # fmt: skip
     reference = network.state_dict()
     for key, value in state.items():
         if key in reference and value.is_floating_point():
@@ -280,6 +365,22 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu
     return ModelBundle(network=network, card=card, path=path)
 
 
+def _check_digest(path: Path) -> None:
+    """Compare the weights with the card's ``weights_sha256`` (when the card has one)."""
+    try:
+        expected = json.loads((path / CARD_FILE).read_text()).get("weights_sha256")
+        if not expected:
+            return
+        digest = hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest()
+    except (OSError, ValueError, AttributeError):
+        return  # missing files are reported by the loader
+    if digest != expected:
+        raise ModelFileError(
+            f"the weights in {path} do not match their card (weights_sha256): the file was "
+            "changed or damaged after saving"
+        )
+
+
 def list_models() -> list[tuple[str, Path, ModelCard]]:
     """Bundled and user models as ``(name, folder, card)``; unreadable folders are skipped."""
     found = []
@@ -290,6 +391,6 @@ def list_models() -> list[tuple[str, Path, ModelCard]]:
             if (folder / CARD_FILE).is_file():
                 try:
                     found.append((folder.name, folder, read_card(folder)))
-                except ModelFileError:
-                    continue
+                except ModelFileError as err:
+                    log.warning("skipping the model %s: %s", folder, err)
     return found

@@ -5,7 +5,6 @@ import gzip
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -419,10 +418,47 @@ def test_write_errors_leave_no_partial_file(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    monkeypatch.setattr(nib.Nifti1Image, "to_filename", denied)
     with pytest.raises(VolumeWriteError, match="is not writable"):
         io.write_volume(tmp_path / "ro.nii", data, affine=affine)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_follow_the_umask_and_long_names_fit(tmp_path):
+    import os
+
+    affine = np.eye(4)
+    old = os.umask(0o022)
+    try:
+        path = io.write_labels(tmp_path / "x.nii.gz", np.ones((4, 4, 4), np.uint8), affine=affine)
+    finally:
+        os.umask(old)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)  # mkstemp's 0600 before
+    long = tmp_path / ("n" * (255 - len(".nii.gz")) + ".nii.gz")  # the longest name allowed
+    assert io.write_labels(long, np.ones((4, 4, 4), np.uint8), affine=affine) == long
+
+
+def test_a_file_that_appears_meanwhile_is_not_replaced_without_overwrite(tmp_path):
+    path = tmp_path / "seg.nii.gz"
+    io.write_labels(path, np.ones((4, 4, 4), np.uint8), affine=np.eye(4))
+    with pytest.raises(VolumeWriteError, match="it is not replaced"):
+        io.write_labels(path, np.zeros((4, 4, 4), np.uint8), affine=np.eye(4), overwrite=False)
+    assert io.read_volume(path).data.max() == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["seg.nii.gz"]
+
+
+def test_stale_temporaries_of_dead_processes_are_cleared(tmp_path):
+    from napari_selfreg.files import clear_stale, temporary_path
+
+    mine = temporary_path(tmp_path / "a.nii.gz")
+    mine.write_bytes(b"x")
+    dead = tmp_path / ".selfreg-tmp-999999999-abcdef.nii.gz"  # no such process
+    dead.write_bytes(b"partial")
+    (tmp_path / ".selfreg-ckpt-999999999-abcdef").mkdir()
+    (tmp_path / "user.nii.gz").write_bytes(b"keep")
+    removed = clear_stale(tmp_path)
+    assert sorted(p.name for p in removed) == [".selfreg-ckpt-999999999-abcdef", dead.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "user.nii.gz"])
 
 
 # --------------------------------------------------------------------------- napari

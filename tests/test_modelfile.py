@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -142,9 +143,13 @@ def test_bad_model_files_give_clear_errors(tmp_path):
     card = _card()
     path = save_model(_trained_like(card), card, tmp_path / "m")
     (path / WEIGHTS_FILE).write_bytes(b"garbage" * 10)
-    with pytest.raises(ModelFileError, match="corrupt"):
+    with pytest.raises(ModelFileError, match="do not match their card"):
         load_model(path)
     data = json.loads((path / CARD_FILE).read_text())
+    del data["weights_sha256"]  # a card without a digest: the file itself is checked
+    (path / CARD_FILE).write_text(json.dumps(data))
+    with pytest.raises(ModelFileError, match="corrupt"):
+        load_model(path)
     other = save_model(_trained_like(card), card, tmp_path / "n")
     data["options"]["channels"] = [4, 8, 32]
     (other / CARD_FILE).write_text(json.dumps(data))
@@ -157,3 +162,68 @@ def test_card_validation():
         ModelCard("x", "unet3d", {"num_classes": 3}, ["a", "b"])
     card = ModelCard("x", "unet3d", {"num_classes": 2}, ["bg", "fg"])
     assert len(card.class_colors) == 2 and card.class_colors[0].startswith("#")
+
+
+def test_hostile_and_malformed_cards_are_refused_in_one_sentence(tmp_path, caplog):
+    card = _card()
+    good = save_model(_trained_like(card), card, tmp_path / "good")
+    data = json.loads((good / CARD_FILE).read_text())
+
+    def variant(folder_name, **changes):
+        folder = tmp_path / folder_name
+        shutil.copytree(good, folder)
+        (folder / CARD_FILE).write_text(
+            json.dumps({**data, **changes}) if changes else "[" * 100_000
+        )
+        return folder
+
+    cases = {
+        variant("escape", name="../../../somewhere/escaped"): "cannot be a folder name",
+        variant("deep"): "nested too deeply",
+        variant("opts", options=[1, 2]): "'options' must be",
+        variant("names", class_names="abc"): "'class_names' must be",
+        variant("patch", patch_size=[1, "x", 3]): "'patch_size' must be",
+        variant("orient", orientation="RAR"): "'orientation' must be",
+    }
+    for folder, message in cases.items():
+        with pytest.raises(ModelFileError, match=message):
+            load_model(folder)
+    # tampered weights: the card's digest no longer fits
+    tampered = tmp_path / "tampered"
+    shutil.copytree(good, tampered)
+    raw = bytearray((tampered / WEIGHTS_FILE).read_bytes())
+    raw[-1] ^= 0x01
+    (tampered / WEIGHTS_FILE).write_bytes(bytes(raw))
+    with pytest.raises(ModelFileError, match="do not match their card"):
+        load_model(tampered)
+    # NaN weights are refused even without a digest
+    net = _trained_like(card)
+    with torch.no_grad():
+        next(net.parameters())[0].fill_(float("nan"))
+    nan = save_model(net, card, tmp_path / "nan")
+    with pytest.raises(ModelFileError, match="NaN or infinite weights"):
+        load_model(nan)
+
+
+def test_listing_skips_a_bad_model_with_a_warning(selfreg_home, caplog):
+    from napari_selfreg.modelfile import list_models, user_models_dir
+
+    card = _card()
+    save_model(_trained_like(card), card)
+    bad = user_models_dir() / "bad"
+    bad.mkdir(parents=True)
+    (bad / CARD_FILE).write_text(json.dumps({"format": "napari-selfreg-model", "name": "bad", "architecture": "unet3d", "options": [], "class_names": ["a"]}))  # fmt: skip
+    with caplog.at_level("WARNING"):
+        names = [name for name, _, _ in list_models()]
+    assert card.name in names and "bad" not in names
+    assert any(
+        "skipping the model" in r.message and "options" in r.message for r in caplog.records
+    )
+
+
+def test_user_models_follow_xdg_data_home(tmp_path, monkeypatch):
+    from napari_selfreg.modelfile import user_models_dir
+
+    monkeypatch.delenv("NAPARI_SELFREG_HOME", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert user_models_dir() == tmp_path / "xdg" / "napari-selfreg" / "models"

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from napari_selfreg.files import temporary_path
 from napari_selfreg.modelfile import ModelCard, ModelFileError, load_model, save_model
 
 from .config import CheckpointError, TrainingError
@@ -63,15 +64,37 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _old_name(target: Path) -> Path:
+    """Where :func:`_swap_in` parks the checkpoint it replaces (found again by
+    :func:`recover`)."""
+    return target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
 def _swap_in(tmp: Path, target: Path) -> None:
     """Replace folder ``target`` by ``tmp`` with renames only."""
     old = None
     if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        old = _old_name(target)
         os.rename(target, old)
     os.rename(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(folder: str | os.PathLike) -> bool:
+    """Bring back a checkpoint that a run killed between :func:`_swap_in`'s two renames
+    left parked as ``.NAME.old-*``; True if it did."""
+    folder = Path(folder)
+    if folder.exists() or not folder.parent.is_dir():
+        return False
+    parked = sorted(
+        (p for p in folder.parent.glob(f".{folder.name}.old-*") if (p / STATE_FILE).is_file() or (p / "model.json").is_file()),
+        key=lambda p: p.stat().st_mtime,
+    )  # fmt: skip
+    if not parked:
+        return False
+    os.rename(parked[-1], folder)
+    return True
 
 
 def write_checkpoint(
@@ -87,17 +110,14 @@ def write_checkpoint(
         CheckpointError: the disk is full or not writable; the previous
             checkpoint in ``folder`` is left as it was.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_path(folder, "ckpt", keep_suffix=False)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        save_model(network, card, tmp)
-        card_path = tmp / "model.json"
-        data = json.loads(card_path.read_text())
-        data["name"] = folder.name  # save_model named it after the temporary folder
-        card_path.write_text(json.dumps(data, indent=2))
+        save_model(network, card, tmp, name=folder.name)
         if optimizer is not None:
             tensors, meta = flatten_optimizer(optimizer.state_dict())
             save_file(tensors, str(tmp / OPTIMIZER_FILE))
@@ -108,9 +128,9 @@ def write_checkpoint(
                 fh.flush()
                 os.fsync(fh.fileno())
         _swap_in(tmp, folder)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = err.strerror or str(err)
+        reason = getattr(err, "strerror", None) or str(err)
         raise CheckpointError(
             f"could not write the checkpoint {folder} ({reason}); the previous checkpoint "
             "is intact - free some space or choose another output folder"
@@ -127,6 +147,7 @@ def read_checkpoint(folder: str | os.PathLike) -> tuple[Any, dict[str, Any], dic
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    recover(folder)
     if not (folder / STATE_FILE).is_file():
         raise TrainingError(f"nothing to resume: {folder} holds no training checkpoint")
     try:

@@ -69,14 +69,14 @@ class SynthSettings:
     shift_mm: float = 12.0
     elastic_mm: tuple[float, float] = (0.0, 3.0)  # std of a coarse (5^3) displacement grid
     fine_elastic_mm: tuple[float, float] = (0.0, 1.2)  # std of a finer (11^3) one
-    contrast: tuple[float, float, float, float] = (0.45, 0.15, 0.1, 0.3)  # t1, t2, pd, random
+    contrast: tuple[float, float, float, float] = (0.55, 0.15, 0.1, 0.2)  # t1, t2, pd, random
     real_t1: float = 0.5  # brain intensities from the template T1, remapped to the contrast
     tissue_std: tuple[float, float] = (0.0, 0.05)
     skull_stripped: float = 0.25
     stripped_rim: float = 0.3  # share of skull-stripped subjects that keep a CSF rim
     neck: float = 0.6  # probability that the field of view reaches into the neck
-    thick_slices: float = 0.3  # thick slices (2-5 mm) along a random axis
-    low_resolution: float = 0.2  # isotropic 1.2-3 mm
+    thick_slices: float = 0.2  # thick slices (2-5 mm) along a random axis
+    low_resolution: float = 0.15  # isotropic 1.2-3 mm
     partial_volume_sigma: float = 0.5  # max blur (voxels) of 1 mm scans
     noise: tuple[float, float] = (0.0, 0.05)
     bias: tuple[float, float] = (0.0, 0.35)

@@ -6,7 +6,6 @@ import contextlib
 import errno
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +27,12 @@ def _nifti_header(reference: Volume | None, affine: np.ndarray):
     return None
 
 
-def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, reference, labels: bool) -> Path:
+def _save_nifti(
+    path: Path, data: np.ndarray, affine: np.ndarray, reference, labels: bool, overwrite: bool
+) -> Path:
     import nibabel as nib
+
+    from ..files import follow_umask, publish, temporary_path
 
     path = Path(path).expanduser()
     if not path.name.lower().endswith(WRITE_SUFFIXES):
@@ -58,18 +61,16 @@ def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, reference, lab
         hdr.set_intent("none")
         hdr["cal_min"], hdr["cal_max"] = 0, 0
     hdr["descrip"] = b"napari-selfreg"
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-    tmp = None
+    tmp = temporary_path(path)
     try:
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent
-        )
-        os.close(fd)
         img.to_filename(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        follow_umask(tmp)
+        publish(tmp, path, overwrite)
         tmp = None
+    except FileExistsError as e:
+        raise VolumeWriteError(f"{path} exists (another run wrote it meanwhile); it is not replaced - pass --overwrite to replace it") from e  # fmt: skip
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise VolumeWriteError(f"cannot write {path}: the disk is full.") from e
@@ -101,11 +102,13 @@ def write_volume(
     data: np.ndarray,
     reference: Volume | None = None,
     affine: np.ndarray | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Write an image (or probabilities, ``(*spatial, C)``) as NIfTI, atomically.
 
     Args:
-        path: ``.nii`` or ``.nii.gz`` target (replaced atomically if it exists).
+        path: ``.nii`` or ``.nii.gz`` target (replaced atomically if it exists and
+            ``overwrite``; else a file that exists is never replaced).
         data: array; bool is written as uint8, int64 as int32 when it fits.
         reference: the source volume; its affine (and, for NIfTI sources, a
             copy of its header with qform/sform codes) is written.
@@ -127,7 +130,7 @@ def write_volume(
         lo, hi = (int(data.min()), int(data.max())) if data.size else (0, 0)
         if np.iinfo(np.int32).min <= lo and hi <= np.iinfo(np.int32).max:
             data = data.astype(np.int32)
-    return _save_nifti(Path(path), data, target, reference, labels=False)
+    return _save_nifti(Path(path), data, target, reference, False, overwrite)
 
 
 def write_labels(
@@ -135,6 +138,7 @@ def write_labels(
     labels: np.ndarray,
     reference: Volume | None = None,
     affine: np.ndarray | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Write a label map as NIfTI (uint8, or uint16/uint32 for more labels), atomically.
 
@@ -153,5 +157,5 @@ def write_labels(
         raise ValueError(f"labels must be >= 0, got a minimum of {lo:g}")
     dtype = np.uint8 if hi < 2**8 else np.uint16 if hi < 2**16 else np.uint32
     return _save_nifti(
-        Path(path), labels.astype(dtype, copy=False), target, reference, labels=True
+        Path(path), labels.astype(dtype, copy=False), target, reference, True, overwrite
     )
