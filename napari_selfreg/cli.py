@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--uncertainty", action="store_true", help="also write <name>_uncertainty.nii.gz (normalised entropy)")  # fmt: skip
     seg.add_argument("--rank-slices", default=None, metavar="FILE.json", help="write the slices where the model is least sure, per axis (where to correct next)")  # fmt: skip
     seg.add_argument("--rank-top", type=int, default=10, help="slices per axis in --rank-slices (default 10)")  # fmt: skip
+    seg.add_argument("--statistics", default=None, metavar="FILE.csv|FILE.json", help="write each class's volume (ml), voxels and share of the labelled total, one row per input")  # fmt: skip
+    seg.add_argument("--skip-existing", action="store_true", help="skip inputs whose labels exist (continue an interrupted folder run)")  # fmt: skip
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")  # fmt: skip
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(func=cmd_segment)
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = handle_sigterm_like_ctrl_c()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -99,6 +102,26 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+def handle_sigterm_like_ctrl_c():
+    """SIGTERM (a scheduler, ``kill``, torchrun) stops the command the way Ctrl-C does: the
+    running job is closed at its next step and removes its temporary files. Returns the
+    previous handler (None outside the main thread)."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def one_line(err: BaseException) -> str:
@@ -147,6 +170,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], bool]:
                 p
                 for p in sorted(path.iterdir())
                 if p.is_file()
+                and not p.name.startswith(".")  # temporaries, macOS ._ files
                 and p.name.lower().endswith(READ_SUFFIXES)
                 and not p.name.lower().endswith(DICOM_SUFFIXES)
                 and not stem(p).endswith(OUTPUT_TAGS)
@@ -206,18 +230,24 @@ def class_volumes(labels, volume, names: list[str]) -> list[tuple[str, int, floa
 
 
 def cmd_segment(args) -> int:
-    import numpy as np
-
-    from . import io
+    from .files import clear_stale
     from .inference import Predictor
-    from .review import rank_slices
 
     inputs, folder_mode = expand_inputs(args.inputs)
     outputs = plan_outputs(inputs, args.output, folder_mode)
     tags = [t for t in ("probabilities", "uncertainty") if getattr(args, t)]
-    check_outputs(
-        inputs, outputs + [companion(o, t) for o in outputs for t in tags], args.overwrite
-    )
+    if args.skip_existing:
+        done = [o.exists() for o in outputs]
+        for source, skip in zip(inputs, done, strict=True):
+            if skip:
+                print(f"skipping {source}: its labels exist")
+        inputs = [p for p, d in zip(inputs, done, strict=True) if not d]
+        outputs = [o for o, d in zip(outputs, done, strict=True) if not d]
+    every = outputs + [companion(o, t) for o in outputs for t in tags]
+    check_outputs(inputs, every, args.overwrite)
+    created = prepare_output_folders(every)
+    for folder in {o.parent for o in outputs}:
+        clear_stale(folder)
     predictor = Predictor(
         args.model,
         tile=args.tile,
@@ -233,39 +263,142 @@ def cmd_segment(args) -> int:
     card = predictor.card
     names = card.class_names if card else [f"class {i}" for i in range(predictor.num_classes)]
     rankings: dict[str, dict] = {}
+    statistics: list[dict] = []
+    failed: list[str] = []
     for source, target in zip(inputs, outputs, strict=True):
-        volume = io.read_volume(source, channel=args.channel)
-        result = run_with_progress(predictor, volume, source.name, args.quiet)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        written = io.write_labels(target, np.asarray(result.labels), reference=volume)
-        extras = {}
-        if result.probabilities is not None:  # classes on the 4th NIfTI axis
-            extras["probabilities"] = np.moveaxis(np.asarray(result.probabilities), 0, -1)
-        if result.uncertainty is not None:
-            extras["uncertainty"] = np.asarray(result.uncertainty)
-        for tag, data in extras.items():
-            print(f"wrote {tag} {io.write_volume(companion(target, tag), data, reference=volume)}")
-        info = result.info
-        print(
-            f"wrote labels {written} ({' x '.join(map(str, volume.shape))} voxels, "
-            f"{info['seconds']:.1f} s on {info['device']} in {info['precision']})"
-        )
-        if result.slice_scores is not None:
-            rankings[str(source)] = {
-                f"axis {axis}": [
-                    {"slice": i, "score": round(v, 4)}
-                    for i, v in rank_slices(scores, top=args.rank_top)
-                ]
-                for axis, scores in enumerate(result.slice_scores)
-            }
-        unit = "ml" if volume.ndim == 3 else "mm^2"
-        width = max(len(n) for n in names)
-        for name, voxels, amount in class_volumes(result.labels, volume, names):
-            print(f"  {name:<{width}}  {voxels:>10d} voxels  {amount:12.2f} {unit}")
-    if args.rank_slices:
+        try:
+            stats, ranking = segment_one(predictor, source, target, names, args)
+        except USER_ERRORS as err:
+            if not folder_mode:
+                remove_if_empty(created)
+                raise
+            print(f"{PROG}: error: {source}: {one_line(err)}", file=sys.stderr)
+            failed.append(str(source))
+            continue
+        statistics.append(stats)
+        if ranking is not None:
+            rankings[str(source)] = ranking
+    if args.rank_slices and rankings:
         path = write_json_atomic(args.rank_slices, {"what": "slices ranked by summed normalised entropy (1 = the most uncertain slice)", "inputs": rankings})  # fmt: skip
         print(f"wrote slice ranking {path}")
+    if args.statistics and statistics:
+        print(f"wrote volume statistics {write_statistics(args.statistics, statistics, names)}")
+    remove_if_empty(created)
+    if failed:
+        print(f"{PROG}: {len(failed)} of {len(inputs)} input(s) failed: {', '.join(failed)}", file=sys.stderr)  # fmt: skip
+        return 2
     return 0
+
+
+def segment_one(predictor, source: Path, target: Path, names: list[str], args):
+    """Segment one input, write its outputs, print its class volumes; returns the
+    statistics row and the slice ranking (or None)."""
+    import numpy as np
+
+    from . import io
+    from .review import rank_slices
+
+    volume = io.read_volume(source, channel=args.channel)
+    result = run_with_progress(predictor, volume, source.name, args.quiet)
+    for warning in result.info.get("warnings", []):
+        print(f"{PROG}: warning: {source.name}: {warning}", file=sys.stderr)
+    labels = np.asarray(result.labels)
+    written = io.write_labels(target, labels, reference=volume, overwrite=args.overwrite)
+    extras = {}
+    if result.probabilities is not None:  # classes on the 4th NIfTI axis
+        extras["probabilities"] = np.moveaxis(np.asarray(result.probabilities), 0, -1)
+    if result.uncertainty is not None:
+        extras["uncertainty"] = np.asarray(result.uncertainty)
+    for tag, data in extras.items():
+        path = io.write_volume(companion(target, tag), data, reference=volume, overwrite=args.overwrite)  # fmt: skip
+        print(f"wrote {tag} {path}")
+    info = result.info
+    print(
+        f"wrote labels {written} ({' x '.join(map(str, volume.shape))} voxels, "
+        f"{info['seconds']:.1f} s on {info['device']} in {info['precision']})"
+    )
+    unit = "ml" if volume.ndim == 3 else "mm^2"
+    width = max(len(n) for n in names)
+    rows = class_volumes(labels, volume, names)
+    for name, voxels, amount in rows:
+        print(f"  {name:<{width}}  {voxels:>10d} voxels  {amount:12.2f} {unit}")
+    labelled = sum(amount for name, _, amount in rows[1:]) or 1.0
+    stats = {
+        "file": str(source), "labels": str(written), "unit": unit,
+        "classes": {name: {"voxels": voxels, unit: round(amount, 3), "fraction_of_labelled": round(amount / labelled, 4) if i else None}
+                    for i, (name, voxels, amount) in enumerate(rows)},
+    }  # fmt: skip
+    ranking = None
+    if result.slice_scores is not None:
+        ranking = {
+            f"axis {axis}": [
+                {"slice": i, "score": round(v, 4)}
+                for i, v in rank_slices(scores, top=args.rank_top)
+            ]
+            for axis, scores in enumerate(result.slice_scores)
+        }
+    return stats, ranking
+
+
+def write_statistics(path: str | Path, rows: list[dict], names: list[str]) -> Path:
+    """Class volumes per input as ``.json`` (one object per file) or ``.csv`` (one row per
+    file: voxels, volume and fraction of the labelled total per class)."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() == ".json":
+        return write_json_atomic(path, {"files": rows})
+    if path.suffix.lower() != ".csv":
+        raise ValueError(f"--statistics needs a .csv or .json file name, not {path.name}")
+    import csv
+    import io as _io
+
+    unit = rows[0]["unit"]
+    header = ["file", "labels"]
+    for name in names:
+        header += [f"{name} voxels", f"{name} {unit}"] + ([f"{name} fraction"] if name != names[0] else [])  # fmt: skip
+    buffer = _io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    for row in rows:
+        line = [row["file"], row["labels"]]
+        for name in names:
+            c = row["classes"].get(name, {"voxels": 0, unit: 0.0, "fraction_of_labelled": 0.0})
+            line += [c["voxels"], c[unit]] + ([c["fraction_of_labelled"]] if name != names[0] else [])  # fmt: skip
+        writer.writerow(line)
+    return write_text_atomic(path, buffer.getvalue())
+
+
+def prepare_output_folders(outputs: list[Path]) -> list[Path]:
+    """Create the output folders and check that they take a file, before any work (a
+    read-only folder or a name too long for the file system fails here, not after the
+    inference). Returns the folders it created."""
+    from .files import temporary_path
+
+    created = []
+    for out in outputs:
+        if len(out.name.encode()) > 255:
+            raise ValueError(f"the output name {out.name[:40]}... is longer than the 255 bytes a file name may have")  # fmt: skip
+        folder = out.parent
+        if not folder.exists():
+            missing = [p for p in [folder, *folder.parents] if not p.exists()]
+            folder.mkdir(parents=True, exist_ok=True)
+            created.extend(reversed(missing))
+    for folder in {o.parent for o in outputs}:
+        probe = temporary_path(folder / "probe", "probe", keep_suffix=False)
+        try:
+            probe.write_bytes(b"")
+        except OSError as err:
+            raise PermissionError(err.errno, f"cannot write into {folder} ({err.strerror})", str(folder)) from err  # fmt: skip
+        probe.unlink()
+    return created
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders this run created that stayed empty (deepest first)."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def run_with_progress(predictor, volume, label: str, quiet: bool):
@@ -285,16 +418,28 @@ def run_with_progress(predictor, volume, label: str, quiet: bool):
 # ----------------------------------------------------------------------------- other commands
 
 
-def write_json_atomic(path: str | Path, data) -> Path:
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
     import os
+
+    from .files import follow_umask, temporary_path
 
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    tmp = temporary_path(path)
+    try:
+        tmp.write_text(text)
+        follow_umask(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path
+
+
+def write_json_atomic(path: str | Path, data) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically."""
+    return write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def cmd_info(args) -> int:

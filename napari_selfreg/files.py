@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 PREFIX = ".selfreg-"
+_HELD: set[Path] = set()  # run locks this process holds (a second run in it is refused too)
 _STALE = re.compile(r"^\.selfreg-[a-z]+-(\d+)-[0-9a-f]{6}")
 
 
@@ -134,7 +135,8 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
-                if owner is not None and owner != os.getpid() and pid_alive(owner):
+                ours = owner == os.getpid() and self.path.resolve() in _HELD
+                if ours or (owner is not None and owner != os.getpid() and pid_alive(owner)):
                     raise RunLockedError(
                         f"another {self.what} (process {owner}) is writing {self.folder}; "
                         "wait for it to finish or choose another output"
@@ -145,6 +147,7 @@ class RunLock:
             with os.fdopen(fd, "w") as fh:
                 fh.write(str(os.getpid()))
             self.held = True
+            _HELD.add(self.path.resolve())
             return self
         raise RunLockedError(f"could not lock {self.folder}; try again")
 
@@ -158,6 +161,8 @@ class RunLock:
         if self.held and self._owner() == os.getpid():
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+        if self.held:
+            _HELD.discard(self.path.resolve())
         self.held = False
 
 

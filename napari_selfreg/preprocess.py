@@ -45,6 +45,7 @@ class NormStats:
         fill: replacement for NaN/Inf voxels, in input units.
         nonfinite: number of NaN/Inf voxels in the whole image.
         foreground_fraction: fraction of voxels used as foreground.
+        warnings: sentences for the user (a constant image, many NaN voxels, outliers).
     """
 
     method: str
@@ -55,6 +56,7 @@ class NormStats:
     fill: float = 0.0
     nonfinite: int = 0
     foreground_fraction: float = 1.0
+    warnings: tuple[str, ...] = ()
 
 
 def _check_spec(spec: dict) -> str:
@@ -152,8 +154,24 @@ def normalization_stats(
     sample = np.asarray(sub, dtype=np.float64).ravel()
     if nonfinite:
         sample = sample[np.isfinite(sample)]
+    notes = []
+    if nonfinite > 0.01 * image.size:
+        notes.append(f"{100 * nonfinite / image.size:.0f} % of the voxels are NaN or infinite; they count as the darkest tissue")  # fmt: skip
     if sample.size == 0:  # all NaN, or an empty mask
         sample = np.zeros(1)
+    if sample.min() == sample.max():
+        notes.append(
+            f"the image is constant (every voxel {sample.min():g}): the labels mean nothing"
+        )
+    outliers = None
+    if method in ("zscore", "percentile") and sample.size > 100:
+        # a few absurd voxels (3e38 in a scan) must not decide the scale of all others
+        lo, hi = np.percentile(sample, [0.01, 99.99])
+        span = max(hi - lo, 1e-12)
+        if sample.max() > hi + 10 * span or sample.min() < lo - 10 * span:
+            outliers = (float(lo), float(hi))
+            sample = np.clip(sample, lo, hi)
+            notes.append(f"extreme values outside {lo:g}..{hi:g} were clipped")
     if mask is not None or method in ("ct_window", "none"):
         kind = "all"
     else:
@@ -163,7 +181,12 @@ def normalization_stats(
     frac = fg.size / sample.size
     if nonfinite:
         log.warning("replacing %d NaN/Inf voxels by the foreground minimum %g", nonfinite, fill)
-    common = {"fill": fill, "nonfinite": nonfinite, "foreground_fraction": frac}
+    common = {
+        "fill": fill,
+        "nonfinite": nonfinite,
+        "foreground_fraction": frac,
+        "warnings": tuple(notes),
+    }
 
     if method == "none":
         return NormStats(method, 0.0, 1.0, **common)
@@ -178,7 +201,7 @@ def normalization_stats(
         else:
             shift, scale = (low + high) / 2, (high - low) / 2
         return NormStats(method, shift, scale if scale > 0 else 1.0, low, high, **common)
-    low = high = None
+    low, high = outliers if outliers else (None, None)
     if method == "percentile":
         p_low = float(spec.get("p_low", spec.get("low", 0.5)))
         p_high = float(spec.get("p_high", spec.get("high", 99.5)))

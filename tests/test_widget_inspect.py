@@ -47,12 +47,12 @@ def env(make_napari_viewer, qtbot, tmp_path, monkeypatch, messages):
     widget = InspectWidget(viewer)
     qtbot.addWidget(widget)
     widget.model_picker.select(path)
-    qtbot.waitUntil(lambda: widget.block_combo.count() > 0, timeout=20000)
+    qtbot.waitUntil(lambda: widget.block_combo.count() > 0, timeout=60000)
     yield viewer, widget, messages
     if widget.job.busy:
         widget.cancel()
         _wait_done(qtbot, widget)
-    qtbot.waitUntil(lambda: not widget._loaders, timeout=20000)
+    qtbot.waitUntil(lambda: not widget._loaders, timeout=60000)
 
 
 def _wait_done(qtbot, widget):

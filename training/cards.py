@@ -40,7 +40,7 @@ class CardMixin:
             options.update(self.net.options)
         options.update(in_channels=int(self.net.in_channels), num_classes=self.num_classes)
         colors = list(base.class_colors) if base is not None else []
-        colors += [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(len(colors), 99)]
+        colors += [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(len(colors), self.num_classes)]  # fmt: skip
         colors = colors[: self.num_classes]
         training = {
             "config": cfg.to_dict(),

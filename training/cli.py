@@ -96,6 +96,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     tr.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     tr.add_argument("--resume", action="store_true", help="continue from OUT.checkpoints/last")
+    tr.add_argument("--restart", action="store_true", help="discard an interrupted run in OUT.checkpoints and start over")  # fmt: skip
     tr.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out")
     tr.add_argument("--val-every", type=int, default=50, help="iterations between validations")
     tr.add_argument("--patience", type=int, default=10, help="validations without gain before stopping (0: never)")  # fmt: skip
@@ -214,9 +215,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = train_config(args)
     cases = load_folder(args.images, args.labels, config.normalization, config.label_map)
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
-    path = _drain(
-        iter_train(config, cases, args.out, resume=args.resume), "train", args.quiet or not rank0
-    )
+    job = iter_train(config, cases, args.out, resume=args.resume, restart=args.restart)
+    try:
+        path = _drain(job, "train", args.quiet or not rank0)
+    except KeyboardInterrupt:
+        from .checkpoint import checkpoint_dir
+
+        if rank0:
+            print(
+                f"napari-selfreg: interrupted; the checkpoints in {checkpoint_dir(args.out)} are "
+                "kept - continue with --resume",
+                file=sys.stderr,
+            )
+        return 130
     if rank0:
         print(path)
     return 0

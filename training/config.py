@@ -31,6 +31,18 @@ class CheckpointError(TrainingError):
     """A checkpoint could not be written (disk full, no permission); the previous one is intact."""
 
 
+def check_label_map(mapping: dict) -> dict[int, int]:
+    """``{old: new}`` with whole, non-negative values; else :class:`TrainingError`."""
+    try:
+        out = {int(k): int(v) for k, v in mapping.items()}
+    except (TypeError, ValueError) as err:
+        raise TrainingError(f"a label map needs whole numbers, got {mapping}") from err
+    bad = {k: v for k, v in out.items() if k < 0 or v < 0}
+    if bad:
+        raise TrainingError(f"label values cannot be negative: {bad}; map to 0 (background) or 1, 2, ...")  # fmt: skip
+    return out
+
+
 @dataclass
 class TrainConfig:
     """Settings of one training run (also the fine-tuning loop underneath).
@@ -130,8 +142,16 @@ class TrainConfig:
             raise TrainingError(f"patch size must be positive, got {self.patch_size}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise TrainingError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_every < 1:
+            raise TrainingError(f"val_every must be at least 1 iteration, got {self.val_every}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise TrainingError(f"the time budget must be positive, got {self.max_seconds} s")
+        if self.patience < 0 or self.val_patches < 0:
+            raise TrainingError("patience and val_patches cannot be negative")
+        if self.lr is not None and not self.lr >= 0:
+            raise TrainingError(f"the learning rate cannot be negative, got {self.lr}")
         if self.label_map is not None:
-            self.label_map = {int(k): int(v) for k, v in self.label_map.items()}
+            self.label_map = check_label_map(self.label_map)
 
     @property
     def learning_rate(self) -> float:
@@ -238,6 +258,8 @@ class FinetuneConfig:
             raise TrainingError("iterations must be at least 1")
         if self.seconds_budget is not None and self.seconds_budget <= 0:
             raise TrainingError("the time budget must be positive (or None for no limit)")
+        if self.label_map is not None:
+            self.label_map = check_label_map(self.label_map)
 
 
 @dataclass

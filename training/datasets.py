@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import LabelError, TrainingError
 
-_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".nrrd", ".tif", ".tiff", ".img", ".hdr")
+_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".mnc", ".tif", ".tiff", ".img", ".hdr")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net style image_0000
 
 

@@ -32,7 +32,8 @@ from napari_selfreg.modelfile import DEFAULT_COLORS, ModelBundle, load_model, us
 
 from .config import FinetuneConfig, LabelError, TrainConfig, TrainingError
 from .datasets import Case, case_from_arrays, check_labels
-from .loop import Trainer, check_classes
+from .loop import Trainer
+from .setup import check_classes
 
 
 def extend_classes(network: nn.Module, card_options: dict[str, Any], arch: str, num_classes: int):

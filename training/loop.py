@@ -16,8 +16,10 @@ its card (metrics on whole validation volumes, data summary, split, settings).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
+import os
 import time
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -31,66 +33,24 @@ from napari_selfreg import models
 from napari_selfreg.device import (
     autocast,
     precision_name,
-    resolve_device,
-    resolve_precision,
     reuse_freed_memory,
 )
+from napari_selfreg.files import RunLock, RunLockedError, clear_stale
 from napari_selfreg.jobs import drain
 from napari_selfreg.modelfile import ModelCard, load_model, save_model
-from napari_selfreg.selfreg import SegmentationLoss, SelfRegLoss
 
 from . import distributed, metrics
-from .augment import Augmenter
 from .cards import CardMixin
-from .checkpoint import checkpoint_dir, read_checkpoint, write_checkpoint
+from .checkpoint import checkpoint_dir, write_checkpoint
 from .config import (
     CheckpointError,
-    LabelError,
     NonFiniteLossError,
     TrainConfig,
     TrainEvent,
     TrainingError,
 )
-from .datasets import Case, PatchSampler, apply_split, make_split
-from .evaluate import PatchValidation
-
-
-class _TrainStep(nn.Module):
-    """What DDP wraps: logits, features and the model's own extra losses in one forward."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, target: torch.Tensor):
-        logits, features = self.net.forward_features(x)
-        extra = {}
-        if hasattr(self.net, "training_losses"):
-            extra = dict(self.net.training_losses(features, target))
-        return logits, features, extra
-
-
-def check_classes(
-    labels: list[np.ndarray],
-    num_classes: int,
-    what: str = "the model",
-    require_foreground: bool = True,
-) -> None:
-    """Raise :class:`LabelError` for label values >= ``num_classes`` or (when
-    ``require_foreground``) no labelled voxel."""
-    found = sorted({int(v) for lab in labels for v in np.unique(lab)})
-    unknown = [v for v in found if v >= num_classes]
-    if unknown:
-        raise LabelError(
-            f"labels contain value(s) {', '.join(map(str, unknown))} that {what} does not "
-            f"know (it has {num_classes} classes, 0-{num_classes - 1}); remap them with a "
-            "label map (e.g. --label-map 5:1) or add classes (extend_classes / --extend-classes)"
-        )
-    if require_foreground and all(v == 0 for v in found):
-        raise LabelError(
-            "the labels contain no labelled voxels (everything is 0 = background); "
-            "label at least one structure"
-        )
+from .datasets import Case
+from .setup import SetupMixin
 
 
 def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
@@ -98,7 +58,7 @@ def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
     return base * (1 - min(iteration, total) / max(total, 1)) ** power
 
 
-class Trainer(CardMixin):
+class Trainer(SetupMixin, CardMixin):
     """One training run (see the module docstring).
 
     Args:
@@ -109,6 +69,8 @@ class Trainer(CardMixin):
         base_card: card to start from (class names, colours, normalisation).
         parent: name or path of the parent model, recorded in the card.
         resume: continue from ``OUT.checkpoints/last``.
+        restart: discard an interrupted run's checkpoints and start over (without it,
+            such a run is refused: resume it or restart).
         checkpoints: where best/last go (default ``OUT.checkpoints``).
         configure: called with the network before the optimiser is built (freezing).
         new_version: write ``OUT-v2`` ... when ``out`` exists.
@@ -131,6 +93,7 @@ class Trainer(CardMixin):
         base_card: ModelCard | None = None,
         parent: str | None = None,
         resume: bool = False,
+        restart: bool = False,
         checkpoints: str | Path | None = None,
         configure: Callable[[nn.Module], None] | None = None,
         new_version: bool = False,
@@ -146,7 +109,8 @@ class Trainer(CardMixin):
         self.network = network
         self.base_card = base_card
         self.parent = parent
-        self.resume = resume
+        self.resume, self.restart = resume, restart
+        self.resumed_card = None
         self.ckpt = Path(checkpoints) if checkpoints else checkpoint_dir(self.out)
         self.configure = configure
         self.new_version = new_version
@@ -159,124 +123,6 @@ class Trainer(CardMixin):
             )
 
     # ----------------------------------------------------------- set-up
-
-    def setup(self) -> None:
-        cfg = self.config
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
-        self.dist, self.device = distributed.setup(resolve_device(cfg.device))
-        self.amp = resolve_precision(cfg.precision, self.device)
-        self.state: dict[str, Any] = {
-            "iteration": 0, "seconds": 0.0, "best_score": -1.0, "best_iteration": None,
-            "bad_validations": 0, "history": [],
-        }  # fmt: skip
-        resumed, self.resumed_card = None, None
-        if self.resume:
-            bundle, state, optim_state = read_checkpoint(self.ckpt / "last")
-            arch = self.base_card.architecture if self.base_card else cfg.arch
-            if bundle.card.architecture != arch:
-                raise TrainingError(
-                    f"the checkpoint in {self.ckpt} is a {bundle.card.architecture}, "
-                    f"not a {arch}; resume with the same --arch"
-                )
-            resumed = (bundle, optim_state)
-            self.state.update({k: v for k, v in state.items() if k in (*self.state, "best_dice")})
-            self.split = state["split"]
-            self.resumed_card = bundle.card
-            self.parent = bundle.card.parent
-        # classes
-        template = self.base_card or self.resumed_card
-        if template is not None:
-            self.class_names = list(template.class_names)
-        else:
-            k = cfg.num_classes or max(int(c.labels.max()) for c in self.cases) + 1
-            self.class_names = list(cfg.class_names or [])
-            if len(self.class_names) != k:
-                self.class_names = ["background"] + [f"class {i}" for i in range(1, k)]
-        self.num_classes = len(self.class_names)
-        check_classes([c.labels for c in self.cases], self.num_classes)
-        # split
-        if self.patch_source is not None:  # generated training data; the cases validate
-            self.split = {"train": ["generated"], "val": sorted(c.name for c in self.cases)}
-            self.train_cases, self.val_cases = [], list(self.cases)
-        else:
-            if not self.resume:
-                self.split = cfg.split or make_split(self.cases, cfg.val_fraction, cfg.seed)
-            self.train_cases, self.val_cases = apply_split(self.cases, self.split)
-        if self.validation_cases is not None:
-            self.val_cases = list(self.validation_cases)
-        # network
-        in_channels = int(self.cases[0].image.shape[0])
-        if resumed is not None:
-            net = resumed[0].network
-        elif self.network is not None:
-            net = self.network
-        else:
-            torch.manual_seed(cfg.seed)
-            try:
-                net = models.build(cfg.arch, in_channels, self.num_classes, **cfg.arch_options)
-            except (TypeError, ValueError, AssertionError) as err:
-                raise TrainingError(
-                    f"cannot build {cfg.arch} with options {cfg.arch_options}: {err}"
-                ) from err
-        if net.in_channels != in_channels:
-            raise TrainingError(
-                f"the model takes {net.in_channels} image channel(s), the data has {in_channels}"
-            )
-        self.net = net.to(self.device).train()
-        self.memory_format = None
-        if cfg.channels_last and self.device.type in ("cpu", "cuda"):
-            dims = getattr(net, "spatial_dims", 3)
-            self.memory_format = torch.channels_last_3d if dims == 3 else torch.channels_last
-            self.net = self.net.to(memory_format=self.memory_format)
-        if self.configure is not None:
-            self.configure(self.net)
-        step = _TrainStep(self.net)
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            step = nn.parallel.DistributedDataParallel(step, device_ids=ids)
-        self.step_module = step
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        if not params:
-            raise TrainingError("every parameter is frozen; nothing to train")
-        if cfg.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(
-                params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay
-            )
-        else:
-            self.optimizer = torch.optim.SGD(
-                params, lr=cfg.learning_rate, momentum=0.99, nesterov=True,
-                weight_decay=cfg.weight_decay,
-            )  # fmt: skip
-        if resumed is not None and resumed[1] is not None:
-            self.optimizer.load_state_dict(resumed[1])
-        self.scaler = None
-        if self.amp == torch.float16 and self.device.type == "cuda":
-            self.scaler = torch.amp.GradScaler("cuda")
-        # randomness: per rank, and fresh but reproducible after a resume
-        seed = [cfg.seed, self.dist.rank, int(self.state["iteration"])]
-        self.rng = np.random.default_rng(seed)
-        tgen = torch.Generator().manual_seed(int(np.random.default_rng(seed).integers(2**62)))
-        dims = getattr(self.net, "spatial_dims", len(cfg.patch_size))
-        self.dims = dims
-        if self.patch_source is not None:
-            self.sampler = self.patch_source(self.rng)
-        else:
-            self.sampler = PatchSampler(
-                self.train_cases, cfg.patch_size, dims, slice_axis=cfg.slice_axis,
-                fg_fraction=cfg.fg_fraction, focus_fraction=cfg.focus_fraction, rng=self.rng,
-            )  # fmt: skip
-        self.augment = Augmenter(dims, tgen) if cfg.augment else None
-        self.loss = SelfRegLoss(
-            SegmentationLoss(cfg.ce_weight, cfg.dice_weight),
-            cfg.lambda_scr,
-            cfg.lambda_ifd,
-            groups=models.selfreg_groups(self.net),
-            generator=torch.Generator().manual_seed(int(tgen.initial_seed()) + 1),
-        )
-        self.validation = PatchValidation(
-            self.val_cases, cfg, self.dims, self.dist.rank, self.dist.world_size
-        )
 
     def _to_device(self, array: np.ndarray | torch.Tensor, image: bool = False) -> torch.Tensor:
         t = torch.as_tensor(array).to(self.device, non_blocking=True)
@@ -347,7 +193,22 @@ class Trainer(CardMixin):
     # -------------------------------------------------------------- run
 
     def run(self) -> Generator[TrainEvent, None, Path]:
-        """The training generator (see :func:`iter_train`)."""
+        """The training generator (see :func:`iter_train`). The checkpoint folder is locked
+        for the run (a second run writing it is refused) and cleared of what killed runs
+        left there."""
+        main = os.environ.get("RANK", "0") == "0"  # one lock per run, held by rank 0
+        lock = RunLock(self.ckpt, "training run") if main else contextlib.nullcontext()
+        try:
+            with lock:
+                if main:
+                    clear_stale(self.ckpt)
+                    clear_stale(self.out.parent)
+                self.check_run_folder()
+                return (yield from self._run_locked())
+        except RunLockedError as err:
+            raise TrainingError(str(err)) from err
+
+    def _run_locked(self) -> Generator[TrainEvent, None, Path]:
         self.setup()
         clean = False
         try:

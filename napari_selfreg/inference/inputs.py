@@ -31,8 +31,12 @@ class _Work:
         if nc > 1 and data.shape[0] != nc:
             raise ValueError(f"the model takes {nc} channels first; the image has {data.shape}")
         nd = len(spatial)
-        if pred.spatial_dims == 3 and nd != 3:
-            raise ValueError(f"a 3D model needs a 3D volume; got a {nd}D image of shape {spatial}")
+        if pred.spatial_dims == 3 and (nd != 3 or min(spatial) == 1):
+            what = f"a {nd}D image" if nd != 3 else "a single slice"
+            raise ValueError(
+                f"a 3D model needs a 3D volume; got {what} of shape {spatial}: use a 2D model "
+                "or a volume of several slices"
+            )
         if pred.spatial_dims == 2 and nd not in (2, 3):
             raise ValueError(f"a 2D model needs a 2D image or a 3D volume; got shape {spatial}")
         if min(spatial) < 1:
@@ -58,7 +62,8 @@ class _Work:
             self.stats = [self._stats(c, preprocess) for c in range(nc)]
         else:
             m = None if mask is None else np.asarray(mask).astype(bool)
-            arrays = [preprocess.normalize(ch, self.spec, mask=m) for ch in _channels(data, nc)]
+            self.stats = [preprocess.normalization_stats(ch, self.spec, mask=m) for ch in _channels(data, nc)]  # fmt: skip
+            arrays = [preprocess.apply_normalization(ch, st) for ch, st in zip(_channels(data, nc), self.stats, strict=True)]  # fmt: skip
             if self.target is not None:
                 arrays = [preprocess.resample(a, spacing, self.target, order=1) for a in arrays]
                 if m is not None:
@@ -74,6 +79,7 @@ class _Work:
             "model_shape": list(self.model_shape),
             "resampled_to": list(self.target) if self.target else None,
             "streaming": streaming,
+            "warnings": sorted({w for st in self.stats for w in st.warnings}),
         }
 
     def _stats(self, c: int, preprocess):

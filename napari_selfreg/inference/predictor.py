@@ -46,6 +46,7 @@ from .outputs import SegmentationResult, _Sink
 from .tiling import auto_batch, gaussian_map, is_out_of_memory, next_fallback, tile_positions
 
 DEFAULT_TILE = {3: (96, 96, 96), 2: (256, 256)}
+MIN_TILE = 4  # voxels per axis, and at least the network's down-sampling
 SLAB_BYTES = 768 * 2**20  # per-slab budget: logits + weights + input, float32
 
 
@@ -147,6 +148,12 @@ class Predictor:
         if len(tile) != nd or min(tile) < 1:
             raise ValueError(
                 f"a {nd}D model needs a tile of {nd} positive sizes, got {list(tile)}"
+            )
+        floor = max(int(getattr(self.network, "divisor", 1)), MIN_TILE)
+        if min(tile) < floor:
+            raise ValueError(
+                f"the tile {list(tile)} is too small: at least {floor} voxels per axis (the "
+                "network down-samples that much, and smaller tiles cost more than they save)"
             )
         return tile if nd == 3 else (1, *tile)
 

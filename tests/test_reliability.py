@@ -1,0 +1,240 @@
+"""Nothing of the user's is lost under concurrency, interruptions and hostile input
+(training runs, checkpoints, folder segmentation, odd volumes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_selfreg import io
+from napari_selfreg.cli import main
+from napari_selfreg.data import make_phantom
+from napari_selfreg.modelfile import load_model
+from napari_selfreg.training import TrainConfig, TrainingError, case_from_arrays, iter_train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "selfreg_home")
+
+TINY = ["--arch", "unet3d", "--channels", "4", "8", "16", "--patch", "16", "16", "16",
+        "--batch-size", "1", "--precision", "fp32", "--threads", "1"]  # fmt: skip
+
+
+def tiny_config(**kw) -> TrainConfig:
+    base = {"arch": "unet3d", "arch_options": {"channels": [4, 8, 16]}, "patch_size": (16, 16, 16),
+            "batch_size": 1, "iterations": 6, "val_every": 2, "precision": "fp32", "val_fraction": 0.0}  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def cases(n=2, labels_fn=None):
+    out = []
+    for i in range(n):
+        image, labels = make_phantom((20, 20, 20), 3, seed=i)
+        out.append(case_from_arrays(image, labels if labels_fn is None else labels_fn(labels), name=f"c{i}"))  # fmt: skip
+    return out
+
+
+@pytest.fixture
+def folders(tmp_path):
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    for i in range(2):
+        image, labels = make_phantom((20, 20, 20), 3, seed=i)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "images" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "labels" / f"c{i}.nii.gz")
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path):
+    first = iter_train(tiny_config(), cases(), tmp_path / "M")
+    next(first)  # the first run holds the lock now
+    with pytest.raises(TrainingError, match=r"another training run \(process \d+\) is writing"):
+        next(iter_train(tiny_config(arch_options={"channels": [4, 8, 32]}), cases(), tmp_path / "M"))  # fmt: skip
+    first.close()
+    # a lock left by a dead process is taken over
+    (tmp_path / "M.checkpoints" / ".lock").write_text("999999999")
+    path = None
+    for event in (gen := iter_train(tiny_config(), cases(), tmp_path / "M")):
+        path = event.model_path or path
+    assert load_model(tmp_path / "M").card.options["channels"] == [4, 8, 16]
+    assert not (tmp_path / "M.checkpoints" / ".lock").exists()
+    del gen
+
+
+def test_an_interrupted_run_needs_resume_or_restart(tmp_path):
+    gen = iter_train(tiny_config(iterations=50), cases(), tmp_path / "M")
+    for event in gen:
+        if event.stage == "checkpoint" and event.done >= 4:
+            break
+    gen.close()
+    with pytest.raises(TrainingError, match="holds an interrupted run .* --resume .* --restart"):
+        next(iter_train(tiny_config(iterations=50), cases(), tmp_path / "M"))
+    with pytest.raises(TrainingError, match="resume with the same architecture options"):
+        next(iter_train(tiny_config(iterations=50, arch_options={"channels": [4, 8, 32]}), cases(), tmp_path / "M", resume=True))  # fmt: skip
+    for _ in iter_train(tiny_config(iterations=6), cases(), tmp_path / "M", restart=True):
+        pass
+    card = load_model(tmp_path / "M").card
+    assert card.training["iterations_done"] == 6  # started over, not from iteration 4
+
+
+def test_a_checkpoint_parked_by_a_kill_between_renames_is_recovered(tmp_path):
+    gen = iter_train(tiny_config(iterations=50), cases(), tmp_path / "M")
+    for event in gen:
+        if event.stage == "checkpoint" and event.done >= 4:
+            break
+    gen.close()
+    ckpt = tmp_path / "M.checkpoints"
+    os.rename(ckpt / "last", ckpt / f".last.old-{os.getpid()}-abcdef")  # killed right here
+    resumed = iter_train(tiny_config(iterations=50), cases(), tmp_path / "M", resume=True)
+    message = next(resumed)
+    assert "resumed at iteration 4" in message.message
+    resumed.close()
+
+
+def test_disk_full_while_saving_a_checkpoint_is_one_sentence(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from napari_selfreg.training import CheckpointError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(CheckpointError, match="could not write the checkpoint .* previous checkpoint is intact"):  # fmt: skip
+        for _ in iter_train(tiny_config(), cases(), tmp_path / "M"):
+            pass
+
+
+def test_sparse_label_values_are_refused_before_training(tmp_path):
+    with pytest.raises(TrainingError, match=r"values 0, 255 .* 256 outputs; remap them, e.g. --label-map 255:1"):  # fmt: skip
+        next(iter_train(tiny_config(), cases(labels_fn=lambda lab: np.where(lab > 0, 255, 0)), tmp_path / "M"))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [({"val_every": 0}, "val_every must be at least 1"), ({"max_seconds": -1}, "time budget must be positive"),
+     ({"label_map": {1: -3}}, "cannot be negative"), ({"patch_size": (1, 1, 1)}, "smaller than 4 voxels")],
+)  # fmt: skip
+def test_bad_settings_are_refused_in_one_sentence(tmp_path, settings, message):
+    with pytest.raises(TrainingError, match=message):
+        next(iter_train(tiny_config(**settings), cases(), tmp_path / "M"))
+
+
+def test_the_cli_names_resume_after_an_interrupt_and_handles_sigterm(folders, tmp_path):
+    script = (
+        "import os, signal, sys, threading\n"
+        "from napari_selfreg.cli import main\n"
+        "threading.Timer(6.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()\n"
+        f"sys.exit(main({['train', '--images', str(folders / 'images'), '--labels', str(folders / 'labels'), '--out', str(tmp_path / 'M'), '--iterations', '100000', '--val-every', '2', '--patience', '0', *TINY]!r}))\n"
+    )  # fmt: skip
+    env = {**os.environ, "NAPARI_SELFREG_HOME": str(tmp_path / "home")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 130, done.stderr
+    assert "--resume" in done.stderr.splitlines()[-1]
+    leftovers = [p.name for p in tmp_path.rglob(".*") if p.name != ".lock"]
+    assert not [n for n in leftovers if ".tmp" in n or "selfreg-" in n], leftovers
+    assert not (tmp_path / "M.checkpoints" / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------- segment
+
+
+@pytest.fixture
+def scans(tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        io.write_volume(folder / f"{name}.nii.gz", rng.normal(size=(20, 20, 20)).astype(np.float32), affine=np.eye(4))  # fmt: skip
+    (folder / "b.nii.gz").write_bytes(b"not a volume")  # broken
+    (folder / "._a.nii.gz").write_bytes(b"macos resource fork")
+    (folder / ".selfreg-tmp-999999999-abcdef.nii.gz").write_bytes(b"partial")
+    return folder
+
+
+def test_a_folder_run_skips_bad_files_and_a_rerun_continues(tiny_model, scans, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["segment", str(scans), "-o", str(out), "--model", str(tiny_model), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "1 of 3 input(s) failed" in err and "b.nii.gz" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a_labels.nii.gz", "c_labels.nii.gz"]
+    io.write_volume(scans / "b.nii.gz", np.zeros((20, 20, 20), np.float32) + 1, affine=np.eye(4))
+    code = main(["segment", str(scans), "-o", str(out), "--model", str(tiny_model), "--quiet", "--skip-existing"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0 and "skipping" in captured.out and "constant" in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["a_labels.nii.gz", "b_labels.nii.gz", "c_labels.nii.gz"]  # fmt: skip
+
+
+def test_write_problems_show_before_the_inference(
+    tiny_model, scans, tmp_path, monkeypatch, capsys
+):
+    from napari_selfreg import cli
+
+    monkeypatch.setattr(cli, "segment_one", lambda *a: pytest.fail("inference started"))
+    long = tmp_path / "out" / ("x" * 251 + ".nii.gz")
+    code = main(["segment", str(scans / "a.nii.gz"), "-o", str(long), "--model", str(tiny_model)])
+    assert code == 2 and "longer than the 255 bytes" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing left behind
+
+
+def test_a_full_disk_leaves_no_empty_output_folder(
+    tiny_model, scans, tmp_path, monkeypatch, capsys
+):
+    def full(*args, **kwargs):
+        raise io.VolumeWriteError("cannot write: the disk is full.")
+
+    monkeypatch.setattr(io, "write_labels", full)
+    code = main(["segment", str(scans / "a.nii.gz"), "-o", str(tmp_path / "new" / "deep" / "s.nii.gz"), "--model", str(tiny_model), "--quiet"])  # fmt: skip
+    assert code == 2 and "disk is full" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_one_absurd_voxel_does_not_decide_the_labels(tiny_model):
+    from napari_selfreg.inference import Predictor
+
+    image, _ = make_phantom((24, 24, 24), 3, seed=3)
+    predictor = Predictor(load_model(tiny_model), precision="fp32")
+    reference = np.asarray(predictor.segment(image).labels)
+    hostile = image.copy()
+    hostile[0, 0, 0] = 3e38
+    result = predictor.segment(hostile)
+    assert any("clipped" in w for w in result.info["warnings"])
+    assert np.mean(np.asarray(result.labels)[1:, 1:, 1:] == reference[1:, 1:, 1:]) > 0.99
+    assert any("constant" in w for w in predictor.segment(np.zeros((24, 24, 24))).info["warnings"])
+
+
+def test_a_single_slice_is_refused_the_same_way_in_any_axis(tiny_model, tmp_path, capsys):
+    for shape in ((20, 20, 1), (1, 20, 20)):
+        path = io.write_volume(tmp_path / f"s{shape[0]}.nii.gz", np.ones(shape, np.float32), affine=np.eye(4))  # fmt: skip
+        code = main(["segment", str(path), "-o", str(tmp_path / "o.nii.gz"), "--model", str(tiny_model)])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and "a 3D model needs a 3D volume" in err, err
+
+
+def test_tiles_below_the_network_s_down_sampling_are_refused(tiny_model, scans, tmp_path, capsys):
+    code = main(["segment", str(scans / "a.nii.gz"), "-o", str(tmp_path / "o.nii.gz"), "--model", str(tiny_model), "--tile", "1", "1", "1"])  # fmt: skip
+    assert code == 2 and "the tile [1, 1, 1] is too small" in capsys.readouterr().err
+
+
+def test_the_ranking_and_statistics_files_of_a_folder_run(tiny_model, scans, tmp_path, capsys):
+    io.write_volume(scans / "b.nii.gz", np.ones((20, 20, 20), np.float32), affine=np.eye(4))
+    stats = tmp_path / "volumes.csv"
+    code = main(["segment", str(scans), "-o", str(tmp_path / "out"), "--model", str(tiny_model), "--quiet", "--statistics", str(stats)])  # fmt: skip
+    assert code == 0
+    rows = stats.read_text().splitlines()
+    assert rows[0].startswith("file,labels,background voxels,background ml,outer voxels,outer ml,outer fraction")  # fmt: skip
+    assert len(rows) == 4  # one row per input
+    as_json = tmp_path / "volumes.json"
+    main(["segment", str(scans / "a.nii.gz"), "-o", str(tmp_path / "one.nii.gz"), "--model", str(tiny_model), "--quiet", "--statistics", str(as_json)])  # fmt: skip
+    files = json.loads(as_json.read_text())["files"]
+    assert len(files) == 1 and set(files[0]["classes"]) == {"background", "outer", "inner"}
+    total = sum(c["voxels"] for c in files[0]["classes"].values())
+    assert total == 20**3
