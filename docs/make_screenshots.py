@@ -167,10 +167,9 @@ def main() -> None:
     viewer.window._qt_window.resize(1560, 960)
     image, truth = viewer.open_sample("napari-selfreg", "mni152")
     truth.visible = False  # the sample's reference labels; we show the model's
-    # axial view, anterior up, the patient's left on the left (neurological)
-    viewer.dims.order = (2, 1, 0)
-    viewer.camera.orientation2d = ("up", "right")
-    viewer.dims.set_point(2, 12.0)  # z = 12 mm: basal ganglia level, lots of grey/white border
+    # the sample opens on axial slices (world axis 0 = superior), anterior up, the
+    # patient's left on the right; z = 12 mm: basal ganglia, lots of grey/white border
+    viewer.dims.set_point(0, 12.0)
     settle()
 
     # ---------------------------------------------------------------- Segment

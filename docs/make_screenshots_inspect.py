@@ -20,8 +20,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 SHOTS = HERE / "screenshots"
 CLASSES = ["background", "grey matter", "white matter"]
@@ -104,17 +102,20 @@ def main() -> None:
         image, _labels, affine = load_mni152(mm)
         viewer = napari.Viewer(show=True, title="napari-selfreg: Inspect features")
         viewer.window.set_geometry(0, 0, 1700, 1050)
-        viewer.add_image(image, name="MNI152 T1", scale=np.diag(affine)[:3], colormap="gray")
+        from napari_selfreg._reader import META_KEY, place
+
+        data, transform, meta = place(image, affine)  # axial slices, as the reader opens a scan
+        viewer.add_image(
+            data, name="MNI152 T1", colormap="gray", metadata={META_KEY: meta}, **transform
+        )
         widget = InspectWidget(viewer)
         viewer.window.add_dock_widget(widget, name="Inspect features", area="right")
         widget.add_model(models[0])
         if compare:
             widget.add_model(models[1], compare=True)
         wait(app, widget)
-        # axial slice near the centre, anterior up, patient's left on the right
-        viewer.dims.order = (2, 1, 0)
-        viewer.dims.set_point(2, float(np.diag(affine)[2] * 100 / mm))
-        viewer.camera.orientation2d = ("up", "right")
+        # axial slice near the centre (world axis 0 = superior, in mm)
+        viewer.dims.set_point(0, float(affine[2, 2] * 100 / mm + affine[2, 3]))
         viewer.reset_view()
         widget.region_combo.setCurrentIndex(widget.region_combo.findData(VISIBLE))
         return viewer, widget

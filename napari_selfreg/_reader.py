@@ -3,11 +3,12 @@
 ``napari_get_reader(path)`` returns a reader callable for paths it takes and None,
 never an exception, for the rest. The reader returns one Image layer (or a Labels
 layer for integer volumes whose file name says they are labels) placed in world
-millimetres with ``io.napari_transform``; the source affine, spacing, file shape,
-axis order and the file's metadata stay in ``layer.metadata[META_KEY]`` so the
-writer can put them back on export. Files whose voxel axes are permuted against
-the world axes (sagittal, coronal acquisitions) are shown transposed to world
-order (see :func:`display_axes`); the writer restores the file's order.
+millimetres: medical volumes in the display frame (world axes superior, posterior,
+left; napari then opens them on axial slices, anterior up, the patient's left on
+the right, as radiology viewers show them: :func:`place`), TIFF stacks in their own
+axes. The source affine, spacing, file shape, axis order, frame and the file's
+metadata stay in ``layer.metadata[META_KEY]`` so the writer can put them back on
+export, in the file's own order.
 
 This module imports neither torch nor Qt: napari loads it at start-up.
 """
@@ -35,7 +36,9 @@ SUFFIXES = (
     ".tiff",
 )
 LABEL_HINT = re.compile(r"(label|seg|mask|parc|aseg|annot)", re.IGNORECASE)
-META_KEY = "selfreg_volume"  # layer.metadata key with affine, spacing, source path, file metadata
+META_KEY = (
+    "selfreg_volume"  # layer.metadata key with affine, spacing, source path, file metadata, frame
+)
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -59,35 +62,54 @@ def napari_get_reader(path: str | os.PathLike | list) -> Callable[[Any], list[La
 
 def read_layers(path: str | os.PathLike | list) -> list[LayerData]:
     """Read one volume as napari layer data ``[(data, kwargs, "image" | "labels")]``."""
-    from .geometry import display_axes
-    from .io import napari_transform, read_volume
+    from .io import read_volume
 
     if isinstance(path, list | tuple):
         path = path[0]
     volume = read_volume(path)
     name = _layer_name(Path(path))
-    affine = np.asarray(volume.affine, dtype=float)
-    axes = display_axes(affine, volume.data.ndim)
-    data = (
-        np.transpose(volume.data, axes) if axes != tuple(range(volume.data.ndim)) else volume.data
+    medical = volume.metadata.get("format") != "tiff"
+    data, transform, meta = place(volume.data, volume.affine, medical)
+    meta.update(
+        spacing=tuple(float(s) for s in volume.spacing), source=str(path), metadata=volume.metadata
     )
-    layer_affine = affine.copy()
-    layer_affine[:, : len(axes)] = affine[:, list(axes)]
-    metadata = {
-        META_KEY: {
-            "affine": affine,
-            "spacing": tuple(float(s) for s in volume.spacing),
-            "shape": tuple(np.shape(volume.data)),
-            "axes": axes,
-            "source": str(path),
-            "metadata": volume.metadata,
-        }
-    }
-    transform = napari_transform(layer_affine, ndim=volume.data.ndim)
-    kwargs: dict[str, Any] = {"name": name, "metadata": metadata, **transform}
+    kwargs: dict[str, Any] = {"name": name, "metadata": {META_KEY: meta}, **transform}
     if _looks_like_labels(data, name):
         return [(data, kwargs, "labels")]
     return [(data, kwargs, "image")]
+
+
+def place(
+    data, affine: np.ndarray, medical: bool = True
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """How a volume goes into napari: ``(data view, layer transform kwargs, metadata)``.
+
+    A 3D medical volume (RAS affine) is shown in the display frame (world axes superior,
+    posterior, left: napari opens it on axial slices, anterior up, the patient's left on
+    the right); its array is transposed (a view) so the sliced axis is the one closest
+    to superior. TIFF stacks and 2D images keep their own axes. The metadata keeps the
+    file's affine, axis order, shape and the frame, so the writer restores the file.
+    """
+    from .geometry import DISPLAY_CODES, display_affine, display_axes, layer_kwargs
+
+    affine = np.asarray(affine, dtype=float)
+    ndim = np.ndim(data)
+    display = medical and ndim == 3
+    world = display_affine(affine) if display else affine
+    axes = display_axes(world, ndim)
+    view = np.transpose(data, axes) if axes != tuple(range(ndim)) else data
+    layer_affine = world.copy()
+    layer_affine[:, : len(axes)] = world[:, list(axes)]
+    transform = layer_kwargs(layer_affine, ndim)
+    if display:
+        transform["axis_labels"] = tuple(DISPLAY_CODES)
+    meta = {
+        "affine": affine,
+        "shape": tuple(np.shape(data)),
+        "axes": axes,
+        "frame": DISPLAY_CODES if display else "RAS",
+    }
+    return view, transform, meta
 
 
 def _layer_name(path: Path) -> str:

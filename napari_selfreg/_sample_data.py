@@ -1,7 +1,7 @@
 """npe2 sample data: the MNI152 T1 brain with tissue labels and a 3D phantom with labels.
 
-Each sample opens as an Image layer and a Labels layer placed in world millimetres
-(``io.napari_transform`` of the sample's affine), with the class names as label
+Each sample opens as an Image layer and a Labels layer placed like the reader places
+a file (``_reader.place``: axial slices in the display frame), with the class names as label
 features and the class colours as a direct colormap. The affine goes into
 ``layer.metadata`` like the reader's, so the writer saves the layers back with it.
 This module imports neither torch nor Qt.
@@ -29,32 +29,23 @@ def phantom() -> list[LayerData]:
 
 
 def _sample(key: str, image_name: str, labels_name: str) -> list[LayerData]:
+    from ._reader import place
     from .data import SAMPLES
-    from .io import napari_transform
 
     sample = SAMPLES[key]
     image, labels, affine = sample.load()
     affine = np.asarray(affine, dtype=float)
-    transform = napari_transform(affine)
-
-    def metadata(data: np.ndarray) -> dict[str, Any]:
-        spacing = np.linalg.norm(affine[:3, : data.ndim], axis=0)
-        return {
-            META_KEY: {
-                "affine": affine.copy(),
-                "spacing": tuple(float(s) for s in spacing),
-                "shape": tuple(data.shape),
-                "source": f"sample:{key}",
-                "metadata": {},
-            }
-        }
+    image, transform, meta = place(image, affine)
+    labels, _, _ = place(labels, affine)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    meta.update(spacing=tuple(float(s) for s in spacing), source=f"sample:{key}", metadata={})
 
     colors = {None: "transparent", 0: "transparent"}
     colors.update({i: c for i, c in enumerate(sample.class_colors) if i > 0})
-    image_kwargs = {"name": image_name, "metadata": metadata(image), **transform}
+    image_kwargs = {"name": image_name, "metadata": {META_KEY: dict(meta)}, **transform}
     labels_kwargs = {
         "name": labels_name,
-        "metadata": metadata(labels),
+        "metadata": {META_KEY: dict(meta)},
         "colormap": colors,
         "features": {
             "index": np.arange(len(sample.class_names)),

@@ -1,9 +1,9 @@
 """npe2 writers: Labels and Image layers to NIfTI with the source affine.
 
 The voxel-to-world affine written is the layer's own placement in napari (its
-affine after scale, rotate, shear and translate), which is the source file's
-affine for layers opened by this plugin's reader or sample data and for labels
-made by Segment. When that placement still equals the affine kept in
+affine after scale, rotate, shear and translate, taken back from the display
+frame to RAS), which is the source file's affine for layers opened by this
+plugin's reader or sample data and for labels made by Segment. When that placement still equals the affine kept in
 ``layer.metadata`` by the reader, the source file's header is handed to
 ``io`` as the reference so it is carried over too. This module imports neither
 torch nor Qt.
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ._reader import META_KEY
+from .geometry import ras_from_frame
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -60,8 +61,8 @@ def _prepare(path: str, data: Any, meta: dict[str, Any]):
     array = np.asarray(data)
     if meta.get("rgb"):
         raise ValueError("RGB images cannot be written as NIfTI volumes by napari-selfreg")
-    affine = layer_affine(meta, array.ndim)
     source = (meta.get("metadata") or {}).get(META_KEY) or {}
+    affine = ras_from_frame(layer_affine(meta, array.ndim), source.get("frame"))
     axes = tuple(source.get("axes") or range(array.ndim))
     file_shape = tuple(source.get("shape", ()))
     if (

@@ -47,8 +47,6 @@ def run_viewer() -> int:
     viewer = napari.Viewer(title="napari-selfreg demo")
     image, reference = viewer.open_sample("napari-selfreg", "mni152")
     reference.visible = False  # the template's tissue labels; the model's labels come next
-    viewer.dims.order = (2, 1, 0)  # axial slices, anterior up
-    viewer.camera.orientation2d = ("up", "right")
     _, segment = viewer.window.add_plugin_dock_widget("napari-selfreg", "Segment")
     segment.image_picker.set_layer(image)
     segment.run()

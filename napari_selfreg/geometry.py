@@ -229,3 +229,35 @@ def display_axes(affine: np.ndarray, ndim: int) -> tuple[int, ...]:
     lin = np.abs(np.asarray(affine, dtype=float)[:3, :3])
     order = tuple(int(i) for i in np.argmax(lin, axis=1))  # world axis d <- file axis order[d]
     return order if sorted(order) == list(identity) else identity
+
+
+# ----------------------------------------------------------------------------- display frame
+
+VOLUME_KEY = "selfreg_volume"  # layer.metadata: file affine (RAS), axes, shape, frame, source
+DISPLAY_CODES = "SPL"
+DISPLAY_FROM_RAS = np.array(
+    [[0.0, 0.0, 1.0, 0.0], [0.0, -1.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+)
+"""World frame of medical volumes in napari: (superior, posterior, left) in mm, so that
+napari's default view (slider on world axis 0, axis 1 down, axis 2 right) shows axial
+slices with anterior up and the patient's left on the right, as radiology viewers do."""
+
+
+def display_affine(ras_affine: np.ndarray) -> np.ndarray:
+    """A RAS voxel-to-world affine expressed in the display frame (:data:`DISPLAY_CODES`)."""
+    return DISPLAY_FROM_RAS @ np.asarray(ras_affine, dtype=float)
+
+
+def ras_from_frame(matrix: np.ndarray, frame: str | None) -> np.ndarray:
+    """A layer's data-to-world matrix in RAS, given the layer's world frame (``"SPL"`` for
+    volumes this plugin opened; anything else is taken as RAS already)."""
+    matrix = np.asarray(matrix, dtype=float)
+    if frame == DISPLAY_CODES and matrix.shape == (4, 4):
+        return np.linalg.inv(DISPLAY_FROM_RAS) @ matrix
+    return matrix
+
+
+def layer_ras_affine(layer) -> np.ndarray:
+    """The RAS voxel-to-world affine of a napari layer's data (the display frame undone)."""
+    frame = (layer.metadata.get(VOLUME_KEY) or {}).get("frame")
+    return ras_from_frame(layer_world_matrix(layer), frame)

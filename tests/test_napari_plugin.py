@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from napari_selfreg._reader import META_KEY, napari_get_reader
-from napari_selfreg.widgets._common import layer_world_matrix
+from napari_selfreg.geometry import layer_ras_affine, layer_world_matrix
 
 PLUGIN = "napari-selfreg"
 AFFINE = np.array(
@@ -34,7 +34,7 @@ def _same_placement(layer, file_affine: np.ndarray, file_data: np.ndarray) -> No
     """Every file voxel sits at its file-affine world position in the layer, with its value."""
     axes = layer.metadata[META_KEY]["axes"] if META_KEY in layer.metadata else (0, 1, 2)
     rng = np.random.default_rng(0)
-    matrix = layer_world_matrix(layer)
+    matrix = layer_ras_affine(layer)
     for index in rng.integers(0, file_data.shape, size=(10, 3)):
         layer_index = index[list(axes)]
         np.testing.assert_allclose(
@@ -171,8 +171,10 @@ def test_reader_nifti_gives_data_and_world_placement(tmp_path):
     assert kwargs["name"] == "scan"
     stored = kwargs["metadata"][META_KEY]
     np.testing.assert_allclose(stored["affine"], AFFINE)
-    assert stored["axes"] == (2, 0, 1)  # the file's axes are permuted against the world's
-    assert np.shape(layer_data) == (5, 7, 6)
+    # shown in the display frame (superior, posterior, left): the file's axis 1 runs
+    # superior, axis 0 posterior (its -1.5 mm runs anterior to posterior), axis 2 left
+    assert stored["axes"] == (1, 0, 2) and stored["frame"] == "SPL"
+    assert np.shape(layer_data) == (6, 7, 5) and kwargs["axis_labels"] == ("S", "P", "L")
     _same_placement(Layer.create(layer_data, kwargs, layer_type), AFFINE, data)
 
 
@@ -182,7 +184,7 @@ def test_reader_opens_integer_label_files_as_labels(tmp_path):
     path = _nifti(tmp_path / "case_seg.nii.gz", labels, np.diag([0.5, 0.5, 2.0, 1.0]))
     [(data, _, layer_type)] = napari_get_reader(str(path))(str(path))
     assert layer_type == "labels"
-    np.testing.assert_array_equal(np.asarray(data), labels)
+    np.testing.assert_array_equal(np.asarray(data), labels.transpose(2, 1, 0))  # axial first
 
 
 def test_reader_takes_dicom_folders(tmp_path):
@@ -261,9 +263,12 @@ def _check_sample(viewer, key, SAMPLES):
     assert image.data.shape == labels.data.shape and image.data.ndim == 3
     assert set(np.unique(labels.data)) <= set(range(len(SAMPLES[key].class_names)))
     np.testing.assert_allclose(layer_world_matrix(image), layer_world_matrix(labels))
+    axes = image.metadata[META_KEY]["axes"]
+    file_affine = np.asarray(image.metadata[META_KEY]["affine"])
     np.testing.assert_allclose(
-        layer_world_matrix(image), image.metadata[META_KEY]["affine"], atol=1e-6
+        layer_ras_affine(image)[:, :3], file_affine[:, list(axes)], atol=1e-6
     )
+    assert image.axis_labels == ("S", "P", "L")  # axial slices, radiological view
     assert list(labels.features["class"]) == SAMPLES[key].class_names
 
 

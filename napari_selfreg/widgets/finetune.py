@@ -435,7 +435,7 @@ class FinetuneWidget(QWidget):
 
     def run(self):
         """Fine-tune on copies of the chosen image and labels in a worker; returns the worker."""
-        from ..geometry import layer_world_matrix
+        from ..geometry import layer_ras_affine
 
         if self.job.busy:
             warn("A fine-tuning is already running; wait for it to finish or press Cancel.")
@@ -471,7 +471,7 @@ class FinetuneWidget(QWidget):
         options = {
             "reviewed": None if settings["sparse"] else self.reviewed_mask(labels_layer),
             "review_axis": axes[0] if len(axes) == 1 else self.view_axis(labels_layer),
-            "affine": layer_world_matrix(image_layer) if np.ndim(image) == 3 else None,
+            "affine": layer_ras_affine(image_layer) if np.ndim(image) == 3 else None,
         }
         changed = None if settings["sparse"] else self.changed_mask()
         import napari_selfreg.training.finetune  # noqa: F401 - torch in the GUI thread first

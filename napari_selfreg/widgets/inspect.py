@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
 )
 
 from .. import analysis
-from ..geometry import layer_world_matrix, world_matrix
+from ..geometry import layer_ras_affine, world_matrix
 from ._common import JobPanel, LayerPicker, ModelPicker, user_error, warn
 
 if TYPE_CHECKING:
@@ -261,7 +261,7 @@ class InspectWidget(QWidget):
             _inspect_job,
             region=region,
             spacing=tuple(layer.scale),
-            affine=layer_world_matrix(layer) if layer.ndim == 3 else None,
+            affine=layer_ras_affine(layer) if layer.ndim == 3 else None,
             top_k=self.topk_spin.value(),
             cam_class=None if cam_class == "off" else cam_class,
             cam=cam_class != "off",

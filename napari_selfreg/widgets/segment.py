@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (
 if TYPE_CHECKING:
     import napari
 
+from ..geometry import layer_ras_affine
 from ._common import (
     JobPanel,
     LayerPicker,
@@ -36,7 +37,6 @@ from ._common import (
     labels_colormap,
     layer_spacing,
     layer_transform,
-    layer_world_matrix,
     unwrap,
     user_error,
     warn,
@@ -234,7 +234,7 @@ class SegmentWidget(QWidget):
             spacing,
             model_path,
             self.options(),
-            layer_world_matrix(layer) if data.ndim == 3 else None,
+            layer_ras_affine(layer) if data.ndim == 3 else None,
             on_return=self._add_result,
             watch=[layer],
             what="segmentation",
