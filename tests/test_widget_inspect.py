@@ -183,8 +183,11 @@ def test_closing_the_image_while_running_loses_nothing(env, qtbot, monkeypatch):
     _wait_done(qtbot, widget)
     assert widget.job.outcome == "returned"
     assert not [m for m in messages if m[0] == "error"], messages
-    pca = viewer.layers["features/tiny/bottleneck/PCA"]
-    np.testing.assert_allclose(pca.scale, [12, 4, 4])  # still aligned with the removed image
+    # the defaults: the first encoder block, around the current slice, said in the dock
+    pca = viewer.layers["features/tiny/enc1/PCA"]
+    np.testing.assert_allclose(pca.scale, [6, 2, 2])  # still aligned with the removed image
+    assert widget.status.text().startswith("done: region 16 x 16 x 16 voxels")
+    assert not [m for m in messages if "reduced" in m[1]], messages  # a note, not a warning
 
 
 def test_compare_two_models_on_a_box(env, qtbot):

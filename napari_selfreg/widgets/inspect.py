@@ -33,7 +33,8 @@ from ._common import JobPanel, LayerPicker, ModelPicker, user_error, warn
 if TYPE_CHECKING:
     import napari
 
-VISIBLE, CENTRED = "visible region", "centred patch"
+AROUND, VISIBLE, CENTRED = "around the current slice", "visible region", "centred patch"
+AROUND_SIZE = {"in-plane": 128, "across": 32}  # voxels of the default region (3D models)
 MAX_VOXELS = {2: 1024 * 1024, 3: 128**3}
 BAR_STATS = [
     ("mean_abs_cos", "mean off-diagonal |cos|", False),
@@ -140,7 +141,9 @@ class InspectWidget(QWidget):
             for ly in self.viewer.layers
             if isinstance(ly, Shapes | Points) and len(ly.data)
         ]
-        _set_items(self.region_combo, [(VISIBLE, VISIBLE), (CENTRED, CENTRED), *boxes])
+        _set_items(
+            self.region_combo, [(AROUND, AROUND), (VISIBLE, VISIBLE), (CENTRED, CENTRED), *boxes]
+        )
 
     def add_model(self, path: str | Path, compare: bool = False) -> None:
         """Add a model folder to the choices and select it (model, or second model)."""
@@ -187,7 +190,9 @@ class InspectWidget(QWidget):
         blocks = [f.name for f in bundle.network.feature_info]
         keep = self.block_combo.currentText()
         _set_items(self.block_combo, [(b, b) for b in blocks])
-        default = keep if keep in blocks else "bottleneck" if "bottleneck" in blocks else blocks[0]
+        # the first encoder block shows anatomy at first click (the bottleneck is 1/16 scale)
+        first = next((b for b in blocks if b.startswith("enc")), blocks[min(1, len(blocks) - 1)])
+        default = keep if keep in blocks else first
         self.block_combo.setCurrentText(default)
         classes = [("off", "off"), ("all classes", None)]
         classes += [(n, i) for i, n in enumerate(bundle.card.class_names) if i > 0]
@@ -242,8 +247,7 @@ class InspectWidget(QWidget):
             region, shrunk = self._region(layer, bundles[0])
         except analysis.InspectError as err:
             return self._refuse(str(err))
-        if shrunk:
-            warn("the region was reduced to keep the computation small")
+        self._region_note = _describe_region(region, shrunk, layer.data.shape)
         cam_class = self.class_combo.currentData()
         self._target = {
             "name": layer.name,
@@ -285,7 +289,8 @@ class InspectWidget(QWidget):
         notes += [n for r in results if r.cams for n in r.cams.notes]
         for note in dict.fromkeys(notes):
             warn(note)
-        self.status.setText("done" + ("; " + "; ".join(dict.fromkeys(notes)) if notes else ""))
+        notes = [getattr(self, "_region_note", ""), *notes]
+        self.status.setText("done: " + "; ".join(n for n in dict.fromkeys(notes) if n))
 
     def closeEvent(self, event):  # noqa: N802 (Qt name)
         """Stop the job and stop listening to the viewer."""
@@ -319,7 +324,14 @@ class InspectWidget(QWidget):
             thickness = [*patch[:thin], 1, *patch[thin:]]
         mode = self.region_combo.currentData()
         lo, hi = point.copy(), point.copy()
-        if mode == CENTRED:
+        if mode in (AROUND, None) and sd == 3:
+            # a slab around the current slice, centred on what the canvas shows
+            corners = np.asarray(layer.corner_pixels, float)
+            size = [AROUND_SIZE["in-plane" if a in displayed else "across"] for a in range(layer.ndim)]  # fmt: skip
+            for a in range(layer.ndim):
+                centre = (corners[0, a] + corners[1, a]) / 2 if a in displayed and corners[1, a] > corners[0, a] else point[a]  # fmt: skip
+                lo[a], hi[a] = centre - (size[a] - 1) / 2, centre + (size[a] - 1) / 2
+        elif mode == CENTRED:
             for a in displayed if thin is not None else range(layer.ndim):
                 lo[a] = hi[a] = (shape[a] - 1) / 2
         elif mode == VISIBLE or mode not in self.viewer.layers:
@@ -469,3 +481,11 @@ def _import_torch_here() -> None:
     operator registry; importing here first makes the workers' imports no-ops.
     """
     import torch  # noqa: F401
+
+
+def _describe_region(region, shrunk: bool, shape) -> str:
+    """A plain note on the region inspected, e.g. ``region 128 x 128 x 32 voxels at 40-168, ...``."""
+    size = " x ".join(str(r.stop - r.start) for r in region)
+    where = ", ".join(f"{r.start}-{r.stop - 1}" for r in region)
+    note = f"region {size} voxels (array indices {where} of {' x '.join(map(str, shape))})"
+    return note + (", reduced to keep the computation small" if shrunk else "")
