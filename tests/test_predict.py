@@ -457,3 +457,21 @@ def test_cancel_leaves_no_output(tmp_path):
     assert any(tmp_path.iterdir())  # the temporary store exists while running
     gen.close()  # what worker.quit() does at a yield
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cpu_run_says_once_what_to_expect():
+    net = models.build("unet3d", channels=(4, 8), num_classes=2)
+    predictor = Predictor(ModelBundle(net, None), tile=16, precision="fp32")
+    image = np.random.default_rng(0).normal(size=(40, 40, 40)).astype(np.float32)
+    said = [e.message for e in _events(predictor.iter_segment(image)) if "no GPU" in e.message]
+    assert len(said) == 1 and "a 40 x 40 x 40 volume takes about" in said[0]
+    assert not [e for e in _events(predictor.iter_segment(image)) if "no GPU" in e.message]
+
+
+def _events(job):
+    events = []
+    while True:
+        try:
+            events.append(next(job))
+        except StopIteration:
+            return events

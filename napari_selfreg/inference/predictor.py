@@ -137,6 +137,7 @@ class Predictor:
         self.fold_bn, self.channels_last = bool(fold_bn), bool(channels_last)
         self._nets: dict[str, tuple[nn.Module, int]] = {}
         self._flops: dict[tuple, float] = {}
+        self._told = False  # the CPU time expectation is said once
 
     def _check_tile(self, tile) -> tuple[int, ...]:
         nd = self.spatial_dims
@@ -350,10 +351,20 @@ class Predictor:
                 sink.add(chunk, logits, weight, tile)
                 i += len(chunk)
                 done += len(chunk)
-                yield Progress(done, len(positions), "tiles")
+                yield Progress(done, len(positions), "tiles", self._expectation(state, done, len(positions), work))  # fmt: skip
             later = [r for r in rows if r > slab[-1]]
             sink.emit(lo, later[0] if later else work.shape[0])
         return done
+
+    def _expectation(self, state: RunState, done: int, total: int, work: _Work) -> str:
+        """Once per predictor, on a CPU, after the first tiles of a 3D run: a plain
+        sentence on how long a volume of this size takes here."""
+        if self._told or state.device.type != "cpu" or total < 4 or done < max(2, state.batch):
+            return ""
+        self._told = True
+        seconds = state.seconds * total / done * 1.15  # + stitching, normalising, writing
+        shape = " x ".join(map(str, work.input_shape))
+        return f"no GPU: a {shape} volume takes about {seconds:.0f} s on this CPU"
 
     def _slabs(self, rows: list[int], depth_tile: int, work: _Work) -> list[list[int]]:
         """Tile rows grouped into slabs of at most ``slab_size`` planes (at least one row)."""
