@@ -8,11 +8,12 @@ user runs: ``iter_finetune`` with the defaults of ``napari-selfreg finetune`` (t
 corrected voxels found against the base prediction, the painting axis found from the
 corrections, the volume's affine), then segments the whole volume again.
 
-* ``corrections``: 6 axial slices corrected (tissue outside the brain cleared, the
-  brain's labels fixed); measure: tissue labelled outside the brain on the untouched
-  slices (target: down by >= 90 % within 60 s).
-* ``new class``: on the same 6 slices the tissue outside the brain is painted as a new
-  class ("extracerebral"); measure: its Dice on the untouched slices (>= 0.85).
+* ``corrections``: 6 axial slices, spread over the extent of the errors, corrected
+  (tissue outside the brain cleared, the brain's labels fixed); measure: tissue labelled
+  outside the brain on the untouched slices (target: down by >= 90 % within 60 s).
+* ``new class``: on 6 axial slices spread over the head the tissue outside the brain is
+  painted as a new class ("extracerebral"); measure: its Dice on the untouched slices
+  (>= 0.85).
 * ``scribbles``: on a T2-like scan, strokes of background, grey and white matter
   covering <= 2 % of the voxels (unpainted = unknown); measure: GM/WM Dice on the
   whole volume (>= 0.85).
@@ -85,7 +86,7 @@ def outside_ml(pred, truth, region) -> float:
 
 
 def scenario_corrections(image, truth, affine, base_pred, work) -> dict:
-    slices = review_slices(truth, 6)
+    slices = review_slices((truth > 0) | (base_pred > 0), 6)  # over the extent of the errors
     labels = base_pred.copy()
     labels[:, :, slices] = truth[:, :, slices]
     new, seconds = run_finetune(BASE, image, labels, affine, work / "corr")
@@ -101,13 +102,13 @@ def scenario_corrections(image, truth, affine, base_pred, work) -> dict:
     }  # fmt: skip
 
 
-def scenario_new_class(image, truth, codes, affine, base_pred, work) -> dict:
-    slices = review_slices(truth, 6)
+def scenario_new_class(image, truth, codes, affine, base_pred, work, **settings) -> dict:
     extracerebral = (codes != H.AIR) & (codes != H.BRAIN)
+    slices = review_slices(extracerebral, 6)  # over the extent of the new structure
     target = np.where(extracerebral, 3, truth).astype(np.uint8)
     labels = base_pred.copy()
     labels[:, :, slices] = target[:, :, slices]
-    new, seconds = run_finetune(BASE, image, labels, affine, work / "newclass", extend_classes=True, new_class_names=["extracerebral"])  # fmt: skip
+    new, seconds = run_finetune(BASE, image, labels, affine, work / "newclass", extend_classes=True, new_class_names=["extracerebral"], **settings)  # fmt: skip
     pred = segment(new, image, affine)
     region = untouched(truth.shape, slices)
     return {
@@ -161,7 +162,7 @@ def scenario_scribbles(base, work) -> dict:
 
 
 def scenario_rounds(image, truth, affine, base_pred, work) -> dict:
-    slices = review_slices(truth, 6)
+    slices = review_slices((truth > 0) | (base_pred > 0), 6)
     first, second = slices[::2], slices[1::2]
     labels = base_pred.copy()
     labels[:, :, first] = truth[:, :, first]

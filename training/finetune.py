@@ -256,12 +256,27 @@ def _changed_against_prediction(
 
 
 def _patch_size(
-    card_patch: list[int] | None, shape: tuple[int, ...], dims: int
+    card_patch: list[int] | None, shape: tuple[int, ...], dims: int, flat_axis: int | None = None
 ) -> tuple[int, ...]:
+    """The fine-tuning patch: the card's (at most 64^3 / 256^2); flat along ``flat_axis``
+    (the axis the user painted along: 96 x 96 x 32, about the voxels of 64^3) so that a
+    patch holds more of the reviewed slices it is centred on."""
     cap = 64 if dims == 3 else 256
     spatial = shape[-dims:]  # 2D models on 3D volumes slice along axis 0
     base = card_patch[-dims:] if card_patch else [cap] * dims
-    return tuple(min(int(p), cap, max(int(s), 8)) for p, s in zip(base, spatial, strict=True))
+    patch = [min(int(p), cap) for p in base]
+    if dims == 3 and flat_axis is not None:
+        patch = [cap // 2 if a == flat_axis else cap * 3 // 2 for a in range(3)]
+    return tuple(min(p, max(int(s), 8)) for p, s in zip(patch, spatial, strict=True))
+
+
+def _model_axis(card, affine, axis: int | None) -> int | None:
+    """A stored array axis as the model's axis after reorientation (None stays None)."""
+    if axis is None or affine is None or not getattr(card, "orientation", None):
+        return axis
+    from napari_selfreg.geometry import reorientation
+
+    return reorientation(affine, card.orientation).order.index(int(axis) % 3)
 
 
 def iter_finetune(
@@ -369,7 +384,9 @@ def iter_finetune(
     )  # fmt: skip
     check_classes([case.labels[grid["reviewed"]]], len(class_names), require_foreground=False)
     dims = int(getattr(network, "spatial_dims", 3))
-    patch = cfg.patch_size or _patch_size(card.patch_size, case.shape, dims)
+    painted_axis = review_axis if review_axis is not None else edit_axis(changed)
+    flat = _model_axis(card, affine, painted_axis) if case.labels.ndim == 3 else None
+    patch = cfg.patch_size or _patch_size(card.patch_size, case.shape, dims, flat)
     if "img_size" in card.options:  # fixed positional embedding (MISSU): train on that size
         size = card.options["img_size"]
         patch = (int(size),) * 3 if isinstance(size, int) else tuple(int(s) for s in size)
