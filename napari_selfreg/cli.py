@@ -23,6 +23,7 @@ USER_ERRORS = (ValueError, OSError, MemoryError)  # FileNotFound/FileExists are 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with all subcommands."""
     from . import __version__
+    from .settings import DEFAULTS, PRECISIONS
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Segment 3D medical volumes with self-regularised UNets."
@@ -46,10 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("inputs", nargs="+", metavar="INPUT", help="volume file, DICOM folder or folder of volumes")  # fmt: skip
     seg.add_argument("-o", "--output", required=True, help="output file (.nii.gz) or folder")
     seg.add_argument("--model", default=None, help="model name or folder (default: the bundled model)")  # fmt: skip
-    seg.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu (default auto)")  # fmt: skip
-    seg.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    seg.add_argument("--device", default=DEFAULTS.device, help=f"auto, cuda, cuda:N, mps or cpu (default {DEFAULTS.device})")  # fmt: skip
+    seg.add_argument("--precision", default=DEFAULTS.precision, choices=list(PRECISIONS))
     seg.add_argument("--tile", type=int, nargs="+", metavar="N", help="tile size per axis (D H W; H W for 2D models)")  # fmt: skip
-    seg.add_argument("--overlap", type=float, default=0.25, help="tile overlap in [0, 1) (default 0.25; 0.5 is smoother and about 2.5x slower)")  # fmt: skip
+    seg.add_argument("--overlap", type=float, default=DEFAULTS.overlap, help=f"tile overlap in [0, 1) (default {DEFAULTS.overlap}; 0.5 is smoother and about 2.5x slower)")  # fmt: skip
     seg.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
     seg.add_argument("--axis", type=int, default=0, choices=[0, 1, 2], help="slice axis for 2D models")  # fmt: skip
     seg.add_argument("--channel", type=int, default=None, help="volume to pick from a 4D file")

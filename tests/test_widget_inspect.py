@@ -53,6 +53,11 @@ def env(make_napari_viewer, qtbot, tmp_path, monkeypatch, messages):
         widget.cancel()
         _wait_done(qtbot, widget)
     qtbot.waitUntil(lambda: not widget._loaders, timeout=60000)
+    from qtpy.QtCore import QThreadPool
+
+    # workers run in Qt's global pool (as many threads as cores): let this test's finish
+    # before the next test needs a thread for its model loader
+    assert QThreadPool.globalInstance().waitForDone(60000)
 
 
 def _wait_done(qtbot, widget):

@@ -78,28 +78,29 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "torchrun --standalone --nproc_per_node=N --no-python napari-selfreg train ... "
         "(from the repository root, --no-python may be left out)",
     )
+    t = TrainConfig()  # the defaults
     tr.add_argument("--images", required=True, help="folder of image files")
     tr.add_argument("--labels", required=True, help="folder of label files (same names)")
     tr.add_argument("--out", required=True, help="model folder to write (must not exist)")
-    tr.add_argument("--arch", default="unet3d", help="architecture (default unet3d)")
+    tr.add_argument("--arch", default=t.arch, help=f"architecture (default {t.arch})")
     tr.add_argument("--channels", type=int, nargs="+", help="UNet widths per level, e.g. 16 32 64 128")  # fmt: skip
     tr.add_argument("--arch-option", action="append", default=[], metavar="KEY=VALUE", help="architecture option, VALUE as JSON or text; repeatable, e.g. --arch-option training_modules=true --arch-option img_size=64 (a wrong KEY lists the valid ones)")  # fmt: skip
-    tr.add_argument("--iterations", type=int, default=1000, help="optimiser steps (default 1000)")
+    tr.add_argument("--iterations", type=int, default=t.iterations, help=f"optimiser steps (default {t.iterations})")  # fmt: skip
     tr.add_argument("--patch", type=int, nargs="+", metavar="N", help="patch size: D H W (H W for 2D models; default 64^3 / 128^2)")  # fmt: skip
-    tr.add_argument("--batch-size", type=int, default=2, help="patches per step and process")
-    tr.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    tr.add_argument("--batch-size", type=int, default=t.batch_size, help=f"patches per step and process (default {t.batch_size})")  # fmt: skip
+    tr.add_argument("--optimizer", default=t.optimizer, choices=["adamw", "sgd"])
     tr.add_argument("--lr", type=float, default=None, help="initial learning rate (poly decay)")
-    tr.add_argument("--lambda-scr", type=float, default=0.015, help="SelfReg SCR weight")
-    tr.add_argument("--lambda-ifd", type=float, default=0.015, help="SelfReg IFD weight")
+    tr.add_argument("--lambda-scr", type=float, default=t.lambda_scr, help="SelfReg SCR weight")
+    tr.add_argument("--lambda-ifd", type=float, default=t.lambda_ifd, help="SelfReg IFD weight (top-half to bottom-half channel distillation)")  # fmt: skip
     tr.add_argument("--no-selfreg", action="store_true", help="plain training (both lambdas 0)")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    tr.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    tr.add_argument("--seed", type=int, default=t.seed)
+    tr.add_argument("--device", default=t.device, help="auto, cpu, cuda, cuda:N or mps")
+    tr.add_argument("--precision", default=t.precision, choices=["auto", "bf16", "fp16", "fp32"])
     tr.add_argument("--resume", action="store_true", help="continue from OUT.checkpoints/last")
     tr.add_argument("--restart", action="store_true", help="discard an interrupted run in OUT.checkpoints and start over")  # fmt: skip
-    tr.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out")
-    tr.add_argument("--val-every", type=int, default=50, help="iterations between validations")
-    tr.add_argument("--patience", type=int, default=10, help="validations without gain before stopping (0: never)")  # fmt: skip
+    tr.add_argument("--val-fraction", type=float, default=t.val_fraction, help="share of cases held out")  # fmt: skip
+    tr.add_argument("--val-every", type=int, default=t.val_every, help="iterations between validations")  # fmt: skip
+    tr.add_argument("--patience", type=int, default=t.patience, help="validations without gain before stopping (0: never)")  # fmt: skip
     tr.add_argument("--max-seconds", type=float, default=None, help="time budget")
     tr.add_argument("--num-classes", type=int, default=None, help="classes incl. background")
     tr.add_argument("--class-names", default=None, help="comma-separated, background first")

@@ -40,12 +40,14 @@ from ..device import (
     reuse_freed_memory,
 )
 from ..jobs import Progress, drain
+from ..settings import DEFAULTS
 from .inputs import _is_lazy, _Work
 from .network import _LOW_PRECISION_MODULES, count_flops, exact_max_pools, fold_batchnorm
 from .outputs import SegmentationResult, _Sink
 from .tiling import auto_batch, gaussian_map, is_out_of_memory, next_fallback, tile_positions
 
 DEFAULT_TILE = {3: (96, 96, 96), 2: (256, 256)}
+
 MIN_TILE = 4  # voxels per axis, and at least the network's down-sampling
 SLAB_BYTES = 768 * 2**20  # per-slab budget: logits + weights + input, float32
 
@@ -91,11 +93,11 @@ class Predictor:
         self,
         model=None,
         tile: int | Sequence[int] | None = None,
-        overlap: float = 0.25,
+        overlap: float = DEFAULTS.overlap,
         batch_size: int | None = None,
-        device: str | torch.device = "auto",
-        precision: str | None = "auto",
-        gaussian: bool = True,
+        device: str | torch.device = DEFAULTS.device,
+        precision: str | None = DEFAULTS.precision,
+        gaussian: bool = DEFAULTS.gaussian,
         axis: int = 0,
         probabilities: bool = False,
         uncertainty: bool = False,

@@ -379,6 +379,13 @@ class JobPanel(QWidget):
         """True while a job runs."""
         return self.worker is not None
 
+    def refuse_if_busy(self, what: str) -> bool:
+        """Warn and return True while a job runs (the check every widget makes first)."""
+        if self.worker is None:
+            return False
+        warn(f"A {what} is already running; wait for it to finish or press Cancel.")
+        return True
+
     def lock_while_running(self, *buttons: QPushButton) -> None:
         """Disable ``buttons`` while a job runs."""
         self._buttons.extend(buttons)
@@ -408,8 +415,7 @@ class JobPanel(QWidget):
         Returns:
             The started worker, or None when another job is still running.
         """
-        if self.busy:
-            warn(f"A {self._what} is already running; wait for it to finish or press Cancel.")
+        if self.refuse_if_busy(self._what):
             return None
         self._what = what
         self._watch = [unwrap(layer) for layer in watch]

@@ -54,7 +54,6 @@ from ._common import (
     layer_transform,
     unwrap,
     user_error,
-    warn,
 )
 from ._curves import Curves, mean_foreground_dice
 from .segment import MODEL_KEY, PREDICTION_KEY, SLICE_SCORES_KEY
@@ -437,8 +436,7 @@ class FinetuneWidget(QWidget):
         """Fine-tune on copies of the chosen image and labels in a worker; returns the worker."""
         from ..geometry import layer_ras_affine
 
-        if self.job.busy:
-            warn("A fine-tuning is already running; wait for it to finish or press Cancel.")
+        if self.job.refuse_if_busy("fine-tuning"):
             return None
         image_layer = self.image_picker.layer()
         labels_layer = self.labels_picker.layer()

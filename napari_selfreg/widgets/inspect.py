@@ -216,8 +216,7 @@ class InspectWidget(QWidget):
 
     def run(self):
         """Start the analysis in a worker thread; returns the worker or None."""
-        if self.job.busy:
-            warn("A feature inspection is already running; wait for it or press Cancel.")
+        if self.job.refuse_if_busy("feature inspection"):
             return None
         layer = self.image_picker.layer()
         if layer is None:

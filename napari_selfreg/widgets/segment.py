@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import napari
 
 from ..geometry import layer_ras_affine
+from ..settings import DEFAULTS, DEVICES, PRECISIONS
 from ._common import (
     JobPanel,
     LayerPicker,
@@ -39,11 +40,8 @@ from ._common import (
     layer_transform,
     unwrap,
     user_error,
-    warn,
 )
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 EXTRAS = ("none", "uncertainty", "probabilities")
 PREDICTION_KEY = "selfreg_prediction"  # labels metadata: the labels as predicted (uint8 copy)
 MODEL_KEY = "selfreg_model"  # labels metadata: the model folder that predicted them
@@ -118,7 +116,7 @@ class SegmentWidget(QWidget):
         self.overlap = QDoubleSpinBox()
         self.overlap.setRange(0.0, 0.9)
         self.overlap.setSingleStep(0.05)
-        self.overlap.setValue(0.25)
+        self.overlap.setValue(DEFAULTS.overlap)
         self.overlap.setToolTip(
             "Share of a tile overlapping its neighbour (more: smoother, slower)"
         )
@@ -203,8 +201,7 @@ class SegmentWidget(QWidget):
     # ------------------------------------------------------------------ run
     def run(self):
         """Segment the chosen image with the chosen model in a worker; returns the worker."""
-        if self.job.busy:
-            warn("A segmentation is already running; wait for it to finish or press Cancel.")
+        if self.job.refuse_if_busy("segmentation"):
             return None
         layer = self.image_picker.layer()
         if layer is None:
