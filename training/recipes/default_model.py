@@ -81,6 +81,8 @@ def config(args) -> TrainConfig:
         lr=args.lr,
         val_every=args.val_every,
         val_patches=24,
+        lambda_scr=args.lambda_scr,
+        lambda_ifd=args.lambda_ifd,
         patience=0,
         seed=args.seed,
         augment=False,  # the generator deforms, flips and degrades every patch itself
@@ -122,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch", type=int, default=80)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--val-every", type=int, default=200)
+    parser.add_argument("--lambda-scr", type=float, default=0.015)
+    parser.add_argument("--lambda-ifd", type=float, default=0.0, help="IFD collapses channels (docs/method.md); off by default")  # fmt: skip
+    parser.add_argument("--note", default="", help="a sentence for the card's training record")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--init", default="brain-tissue-unet3d-v1", help="start from this model")
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         source = train(
             cfg, validation_cases(), trained, callback=_print_event, resume=args.resume,
             network=None if args.resume else load_model(args.init).network.train(),
-            extra_training={"generator": "synthesis.SyntheticPatches (defaults)"},
+            extra_training={"generator": "synthesis.SyntheticPatches (defaults)", **({"note": args.note} if args.note else {})},  # fmt: skip
             patch_source=lambda rng: SyntheticPatches(cfg.patch_size, rng, NORMALIZATION),
         )  # fmt: skip
     last = json.loads((checkpoint_dir(trained) / "last" / "trainer.json").read_text())
