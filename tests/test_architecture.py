@@ -44,3 +44,19 @@ def test_no_module_is_over_600_lines():
     files = [*(ROOT / "napari_selfreg").rglob("*.py"), *(ROOT / "training").rglob("*.py")]
     long = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > MAX_LINES}  # fmt: skip
     assert not long, f"split these modules: {long}"
+
+
+def test_every_subpackage_is_installed():
+    """pyproject lists the packages explicitly (training/ maps to napari_selfreg.training):
+    a new subpackage missing there works in a checkout and breaks in a wheel."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for p in (ROOT / "napari_selfreg").rglob("__init__.py")
+    }
+    found |= {"napari_selfreg.training"}
+    assert found <= listed, sorted(found - listed)

@@ -213,3 +213,12 @@ def test_headless_demo_reruns_write_new_files(tmp_path, monkeypatch):
     assert demo.run_headless(tmp_path) == 0
     assert calls == ["mni152_segmentation.nii.gz", "mni152_segmentation-2.nii.gz",
                      "mni152_segmentation-3.nii.gz"]  # fmt: skip
+
+
+def test_a_minc2_file_segments(tiny_model, tmp_path, capsys):
+    import nibabel
+
+    minc2 = Path(nibabel.__file__).parent / "tests" / "data" / "minc2_1_scale.mnc"
+    out = tmp_path / "minc_labels.nii.gz"
+    code, stdout, _ = run(capsys, "segment", minc2, "-o", out, "--model", tiny_model, "--quiet")
+    assert code == 0 and io.read_volume(out).shape == (10, 20, 20)

@@ -503,3 +503,12 @@ def test_gzip_helper_sanity(tmp_path):
     with gzip.open(path) as f:
         assert len(f.read()) > 348
     assert [p.name for p in tmp_path.iterdir()] == ["g.nii.gz"]
+
+
+def test_minc2_files_read_through_h5py(tmp_path):
+    import nibabel
+
+    path = Path(nibabel.__file__).parent / "tests" / "data" / "minc2_1_scale.mnc"
+    volume = io.read_volume(path)
+    assert volume.shape == (10, 20, 20) and volume.metadata["format"] == "minc"
+    np.testing.assert_allclose(volume.spacing, (2.0, 2.0, 2.0))
