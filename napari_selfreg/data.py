@@ -172,10 +172,6 @@ def make_phantom(
     Returns:
         ``(image float32, labels uint8)`` of ``shape``; every class is present.
     """
-    from scipy import ndimage
-
-    from .preprocess import resample_to_shape
-
     shape = tuple(int(s) for s in shape)
     nd = len(shape)
     if nd not in (2, 3) or min(shape) < 8:
@@ -183,10 +179,20 @@ def make_phantom(
     if not 2 <= num_classes <= 255:
         raise ValueError(f"num_classes must be in 2..255, got {num_classes}")
     rng = np.random.default_rng(seed)
-
-    # deformed normalised coordinates in [-1, 1] (+ displacement), one buffer per axis
-    axes = [np.linspace(-1, 1, n, dtype=np.float32).reshape([-1 if a == i else 1 for a in range(nd)]) for i, n in enumerate(shape)]  # fmt: skip
     work = np.empty(shape, np.float32)
+    coords = _deformed_coordinates(rng, shape, deform, work)
+    body, body_c, body_r = _body(rng, shape, coords, work)
+    cls = _organs(rng, shape, coords, body, body_c, body_r, num_classes, 2.0 * deform)
+    del coords
+    labels = np.maximum(cls, 1) - 1
+    image = _render(rng, cls, num_classes, noise, bias, texture, pv_sigma, work)
+    return image, labels.astype(np.uint8, copy=False)
+
+
+def _deformed_coordinates(rng, shape, deform: float, work: np.ndarray) -> list[np.ndarray]:
+    """Normalised coordinates in [-1, 1] per axis plus one smooth random displacement."""
+    nd = len(shape)
+    axes = [np.linspace(-1, 1, n, dtype=np.float32).reshape([-1 if a == i else 1 for a in range(nd)]) for i, n in enumerate(shape)]  # fmt: skip
     coords = []
     for a in range(nd):
         x = np.empty(shape, np.float32)
@@ -196,9 +202,12 @@ def make_phantom(
         x *= deform
         x += axes[a]
         coords.append(x)
-    dmax = 2.0 * deform
+    return coords
 
-    # body: lumpy axis-aligned ellipsoid
+
+def _body(rng, shape, coords, work: np.ndarray):
+    """The body: a lumpy axis-aligned ellipsoid; ``(mask, centre, radii)``."""
+    nd = len(shape)
     body_c = rng.uniform(-0.05, 0.05, nd)
     body_r = rng.uniform(0.78, 0.92, nd)
     q = np.zeros(shape, np.float32)
@@ -211,25 +220,31 @@ def make_phantom(
     work *= 0.12
     work += 1.0
     q *= work
-    body = q < 1.0
-    del q
+    return q < 1.0, body_c, body_r
 
+
+def _organs(rng, shape, coords, body, body_c, body_r, num_classes: int, dmax: float):
+    """Class map: 0 air, 1 body, ``i + 2`` organ ``i``; every organ gets enough voxels."""
+    nd = len(shape)
     min_r = np.array([3.0 / (n - 1) for n in shape])
     for _attempt in range(20):
         organs = _draw_organs(rng, num_classes, nd, body_c, body_r, min_r)
-        cls = body.astype(np.uint8)  # 0 air, 1 body, i + 2 organ i
+        cls = body.astype(np.uint8)
         for i, organ in enumerate(organs):
             _paint(cls, body, coords, organ, i + 2, dmax)
         counts = np.bincount(cls.ravel(), minlength=num_classes + 1)
         if counts[2:].size == 0 or counts[2:].min() >= _MIN_CLASS_VOXELS:
-            break
-    else:
-        raise ValueError(f"could not fit {num_classes} classes into a {shape} phantom; use a larger shape or fewer classes")  # fmt: skip
-    del coords
-    labels = np.maximum(cls, 1) - 1
+            return cls
+    raise ValueError(f"could not fit {num_classes} classes into a {shape} phantom; use a larger shape or fewer classes")  # fmt: skip
 
-    # intensities: distinct class means and texture amplitudes (index 0 = air)
-    k = num_classes
+
+def _render(rng, cls, k: int, noise, bias, texture, pv_sigma, work: np.ndarray) -> np.ndarray:
+    """Intensities of a class map: class means and textures, partial volume, bias, noise."""
+    from scipy import ndimage
+
+    from .preprocess import resample_to_shape
+
+    shape, nd = cls.shape, cls.ndim
     levels = np.linspace(0.15, 1.0, k)
     levels += rng.uniform(-0.2, 0.2, k) * (0.85 / max(k - 1, 1))
     means = np.concatenate([[0.0], rng.permutation(levels)]).astype(np.float32)
@@ -262,7 +277,7 @@ def make_phantom(
         rng.standard_normal(out=work, dtype=np.float32)
         work *= noise
         image += work
-    return image, labels.astype(np.uint8, copy=False)
+    return image
 
 
 def make_phantom_set(

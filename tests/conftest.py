@@ -1,4 +1,5 @@
-"""Shared fixtures: a private model folder per test, a tiny saved model, a small phantom.
+"""Shared fixtures: a private model folder per test, one torch thread, a tiny saved model,
+a small phantom and a folder of phantom files.
 
 ``selfreg_home`` points ``NAPARI_SELFREG_HOME`` at a fresh temporary folder so
 tests never see or write the user's models; ``tiny_model`` saves a 3-class
@@ -66,6 +67,22 @@ def phantom():
 
     image, labels = make_phantom((20, 24, 22), num_classes=3, seed=0)
     return np.asarray(image, dtype=np.float32), np.asarray(labels, dtype=np.uint8)
+
+
+@pytest.fixture
+def phantom_folders(tmp_path):
+    """``tmp_path`` with ``images/`` and ``labels/``: three 20^3 phantoms (3 classes) as NIfTI."""
+    import nibabel as nib
+
+    from napari_selfreg.data import make_phantom
+
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    for i in range(3):
+        image, labels = make_phantom((20, 20, 20), 3, seed=i)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "images" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "labels" / f"c{i}.nii.gz")
+    return tmp_path
 
 
 @pytest.fixture

@@ -15,13 +15,7 @@ AFFINE = np.array(
     [[-2.0, 0, 0, 30], [0, 2.0, 0, -20], [0, 0, 1.5, 5], [0, 0, 0, 1]]
 )  # voxel = 6 mm^3
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import nibabel as nib
 import numpy as np
 import pytest
 
@@ -39,14 +38,8 @@ def cases(n=2, labels_fn=None):
 
 
 @pytest.fixture
-def folders(tmp_path):
-    for sub in ("images", "labels"):
-        (tmp_path / sub).mkdir()
-    for i in range(2):
-        image, labels = make_phantom((20, 20, 20), 3, seed=i)
-        nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "images" / f"c{i}.nii.gz")
-        nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "labels" / f"c{i}.nii.gz")
-    return tmp_path
+def folders(phantom_folders):
+    return phantom_folders
 
 
 # ----------------------------------------------------------------------------- training runs

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from napari_selfreg.cli import main
-from napari_selfreg.data import make_phantom
 from napari_selfreg.modelfile import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "selfreg_home")
@@ -17,14 +16,8 @@ TINY = ["--arch", "unet3d", "--channels", "4", "8", "16", "--patch", "16", "16",
 
 
 @pytest.fixture
-def folders(tmp_path):
-    for sub in ("images", "labels"):
-        (tmp_path / sub).mkdir()
-    for i in range(3):
-        image, labels = make_phantom((20, 20, 20), 3, seed=i)
-        nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "images" / f"c{i}.nii.gz")
-        nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "labels" / f"c{i}.nii.gz")
-    return tmp_path
+def folders(phantom_folders):
+    return phantom_folders
 
 
 def test_train_then_segment_then_finetune(folders, capsys):
