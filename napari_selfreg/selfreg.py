@@ -326,6 +326,23 @@ def selfreg_loss(
     return total, terms
 
 
+def decorrelation_loss(feature: torch.Tensor) -> torch.Tensor:
+    """Our channel decorrelation of one block (not in the paper; opt-in): the mean squared
+    off-diagonal correlation between its channels, each channel centred and scaled to unit
+    norm over batch and voxels. Unlike IFD it pushes channels apart, so it lowers the
+    mean |cos| the feature inspector shows (``docs/method.md``)."""
+    c = feature.shape[1]
+    if c < 2:
+        return feature.new_zeros((), dtype=torch.float32)
+    with torch.autocast(feature.device.type, enabled=False):
+        x = feature.float().transpose(0, 1).reshape(c, -1)
+        x = x - x.mean(dim=1, keepdim=True)
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        corr = x @ x.T
+        off = corr - torch.diag_embed(torch.diagonal(corr))
+        return (off**2).sum() / (c * (c - 1))
+
+
 class SegmentationLoss(nn.Module):
     """Cross-entropy + soft Dice with settable weights and optional voxel weights.
 
@@ -334,6 +351,8 @@ class SegmentationLoss(nn.Module):
         dice_weight: weight of soft Dice loss (1 - mean Dice over classes).
         include_background: count class 0 in the Dice mean.
         smooth: Dice smoothing term.
+        squared: squared denominators, ``sum p^2 + sum g^2`` (the SelfReg-UNet authors'
+            Dice, as in TransUNet's code); else ``sum p + sum g``.
     """
 
     def __init__(
@@ -342,12 +361,14 @@ class SegmentationLoss(nn.Module):
         dice_weight: float = 0.5,
         include_background: bool = False,
         smooth: float = 1e-5,
+        squared: bool = False,
     ):
         super().__init__()
         self.ce_weight = ce_weight
         self.dice_weight = dice_weight
         self.include_background = include_background
         self.smooth = smooth
+        self.squared = squared
 
     def forward(
         self,
@@ -375,7 +396,8 @@ class SegmentationLoss(nn.Module):
         w = weight.unsqueeze(1)
         axes = [0, *range(2, logits.ndim)]
         intersect = (probs * onehot * w).sum(axes)
-        denom = (probs * w).sum(axes) + (onehot * w).sum(axes)
+        power = 2 if self.squared else 1  # one-hot targets: g^2 = g
+        denom = (probs.pow(power) * w).sum(axes) + (onehot * w).sum(axes)
         dice = (2 * intersect + self.smooth) / (denom + self.smooth)
         if not self.include_background and num_classes > 1:
             dice = dice[1:]
@@ -393,6 +415,8 @@ class SelfRegLoss(nn.Module):
         lambda_ifd: IFD weight; 0 switches it off.
         groups: name -> (IFD group, SCR group) from ``models.selfreg_groups``.
         generator: random source of SCR's pairing.
+        lambda_decor: weight of our channel decorrelation (:func:`decorrelation_loss`),
+            averaged like IFD (mean per IFD group, groups summed); 0 (default) is off.
     """
 
     def __init__(
@@ -402,11 +426,13 @@ class SelfRegLoss(nn.Module):
         lambda_ifd: float = 0.015,
         groups: Mapping[str, tuple[str | None, str | None]] | None = None,
         generator: torch.Generator | None = None,
+        lambda_decor: float = 0.0,
     ):
         super().__init__()
         self.base = base if base is not None else SegmentationLoss()
         self.lambda_scr = lambda_scr
         self.lambda_ifd = lambda_ifd
+        self.lambda_decor = lambda_decor
         self.groups = groups
         self.generator = generator
 
@@ -427,4 +453,13 @@ class SelfRegLoss(nn.Module):
             )
             total = total + reg
             parts.update({k: v.detach() for k, v in terms.items()})
+        if self.lambda_decor:
+            groups = dict(self.groups) if self.groups is not None else default_groups(list(features))  # fmt: skip
+            by_group: dict[str, list[torch.Tensor]] = {}
+            for name, (ifd_group, _) in groups.items():
+                if ifd_group is not None and name in features:
+                    by_group.setdefault(ifd_group, []).append(decorrelation_loss(features[name]))
+            decor = sum(torch.stack(v).mean() for v in by_group.values())
+            total = total + self.lambda_decor * decor
+            parts["decor"] = decor.detach()
         return total, parts

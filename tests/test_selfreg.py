@@ -301,3 +301,62 @@ def test_selfreg_module_switches_off():
     assert on.item() > off.item()
     assert parts_on["seg"].item() == pytest.approx(off.item())
     on.backward()
+
+
+def test_our_decorrelation_pushes_channels_apart_where_ifd_pulls_them_together():
+    """IFD as published raises channel similarity; the decorrelation term lowers it."""
+    from napari_selfreg.selfreg import decorrelation_loss, ifd_loss
+
+    def similarity(f):
+        x = f.transpose(0, 1).reshape(f.shape[1], -1)
+        x = x / x.norm(dim=1, keepdim=True)
+        c = (x @ x.T).abs()
+        return float((c.sum() - c.diagonal().sum()) / (c.numel() - c.shape[0]))
+
+    torch.manual_seed(0)
+    start = torch.randn(2, 8, 6, 6, 6) + torch.randn(2, 1, 6, 6, 6)  # correlated channels
+    results = {}
+    for name, loss in (("ifd", ifd_loss), ("decor", decorrelation_loss)):
+        f = start.clone().requires_grad_(True)
+        opt = torch.optim.SGD([f], lr=0.5)
+        for _ in range(60):
+            opt.zero_grad()
+            loss(f).backward()
+            opt.step()
+        results[name] = similarity(f.detach())
+    before = similarity(start)
+    assert results["ifd"] > before > results["decor"]
+    assert float(decorrelation_loss(torch.randn(1, 1, 4, 4, 4))) == 0.0
+
+
+def test_squared_dice_over_all_classes_as_the_authors_compute_it():
+    from napari_selfreg.selfreg import SegmentationLoss
+
+    torch.manual_seed(1)
+    logits, target = torch.randn(2, 3, 5, 5), torch.randint(0, 3, (2, 5, 5))
+    _, parts = SegmentationLoss(0.0, 1.0, include_background=True, squared=True)(logits, target)
+    p = logits.softmax(1)
+    g = torch.nn.functional.one_hot(target, 3).movedim(-1, 1).float()
+    dice = (2 * (p * g).sum((0, 2, 3)) + 1e-5) / ((p * p).sum((0, 2, 3)) + g.sum((0, 2, 3)) + 1e-5)
+    torch.testing.assert_close(parts["dice"], 1 - dice.mean())
+
+
+def test_presets_and_missu_official_level_weights():
+    from napari_selfreg import models
+    from napari_selfreg.training.config import PRESETS, TrainConfig
+
+    cfg = TrainConfig(**PRESETS["official-acdc"])
+    assert (cfg.ce_weight, cfg.dice_weight, cfg.dice_squared, cfg.lambda_ifd) == (
+        0.3,
+        0.7,
+        True,
+        0.1,
+    )
+    net = models.build("missu3d", channels=[4, 8, 16, 16], blocks=[1, 1, 1, 1], embed_dim=16,
+                       num_layers=1, num_heads=2, mlp_dim=16, img_size=16, kd_weights="official")  # fmt: skip
+    assert list(net.kd_weights) == [0.5, 2.0, 8.0]
+    import inspect
+
+    from napari_selfreg.models.swin_unet import SwinUNet
+
+    assert inspect.signature(SwinUNet).parameters["drop_path"].default == 0.2  # the authors' value

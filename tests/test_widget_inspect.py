@@ -157,7 +157,7 @@ def test_run_adds_aligned_layers_and_plots(env, qtbot):
     stats = widget._results[0].stats
     np.testing.assert_allclose(heat, stats["enc1"].similarity)
     bars = [ax for ax in axes if ax.patches]
-    assert len(bars) == 4
+    assert len(bars) == 5
     heights = [p.get_height() for p in bars[3].patches]
     np.testing.assert_allclose(heights, [s.effective_rank for s in stats.values()])
     widget.block_combo.setCurrentText("bottleneck")  # redraws from the last result
@@ -220,4 +220,4 @@ def test_compare_two_models_on_a_box(env, qtbot):
     legend = widget.figure.legends[0]
     assert [t.get_text() for t in legend.get_texts()] == ["tiny", "other"]
     bars = [ax for ax in widget.figure.axes if ax.patches]
-    assert len(bars) == 4 and all(len(ax.patches) == 2 * 5 for ax in bars)
+    assert len(bars) == 5 and all(len(ax.patches) == 2 * 5 for ax in bars)

@@ -9,6 +9,7 @@ writes). Errors a user can cause are ``ValueError`` subclasses (one sentence).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from napari_selfreg.jobs import ProgressPrinter, drain
 
-from .config import FinetuneConfig, TrainConfig, TrainingError
+from .config import PRESETS, FinetuneConfig, TrainConfig, TrainingError
 
 
 def _label_map(text: str | None) -> dict[int, int] | None:
@@ -92,7 +93,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("--lr", type=float, default=None, help="initial learning rate (poly decay)")
     tr.add_argument("--lambda-scr", type=float, default=t.lambda_scr, help="SelfReg SCR weight")
     tr.add_argument("--lambda-ifd", type=float, default=t.lambda_ifd, help="SelfReg IFD weight (top-half to bottom-half channel distillation)")  # fmt: skip
+    tr.add_argument("--lambda-decor", type=float, default=t.lambda_decor, help="our channel decorrelation weight (0: off; lowers channel similarity, unlike IFD)")  # fmt: skip
     tr.add_argument("--no-selfreg", action="store_true", help="plain training (both lambdas 0)")
+    tr.add_argument("--preset", choices=sorted(PRESETS), default=None, help="the SelfReg-UNet authors' settings: loss weights, squared Dice over all classes, lambdas, optimiser (override those options)")  # fmt: skip
     tr.add_argument("--seed", type=int, default=t.seed)
     tr.add_argument("--device", default=t.device, help="auto, cpu, cuda, cuda:N or mps")
     tr.add_argument("--precision", default=t.precision, choices=["auto", "bf16", "fp16", "fp32"])
@@ -173,7 +176,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         split = load_model(args.split_from).card.training.get("split")
         if not split:
             raise TrainingError(f"model {args.split_from} records no train/val split")
-    return TrainConfig(
+    config = TrainConfig(
         arch=args.arch,
         arch_options=options,
         num_classes=args.num_classes,
@@ -197,7 +200,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         slice_axis=args.slice_axis,
         label_map=_label_map(args.label_map),
         split=split,
+        lambda_decor=args.lambda_decor,
     )
+    return dataclasses.replace(config, **PRESETS[args.preset]) if args.preset else config
 
 
 def _drain(gen, label: str, quiet: bool) -> Path:

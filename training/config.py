@@ -31,6 +31,23 @@ class CheckpointError(TrainingError):
     """A checkpoint could not be written (disk full, no permission); the previous one is intact."""
 
 
+PRESETS: dict[str, dict[str, Any]] = {
+    # the SelfReg-UNet authors' released settings (their Synapse and ACDC scripts)
+    "official-synapse": {
+        "ce_weight": 0.4, "dice_weight": 0.6, "dice_squared": True, "dice_background": True,
+        "lambda_scr": 0.01, "lambda_ifd": 0.01, "optimizer": "sgd", "lr": 0.01,
+        "momentum": 0.9, "weight_decay": 1e-4, "poly_power": 0.9,
+    },
+    "official-acdc": {
+        "ce_weight": 0.3, "dice_weight": 0.7, "dice_squared": True, "dice_background": True,
+        "lambda_scr": 0.1, "lambda_ifd": 0.1, "optimizer": "adamw", "lr": 1e-4,
+        "weight_decay": 1e-4, "poly_power": 0.0,
+    },
+}  # fmt: skip
+"""Named settings a training run can take (``train --preset NAME``; they override the
+options they name)."""
+
+
 def check_label_map(mapping: dict) -> dict[int, int]:
     """``{old: new}`` with whole, non-negative values; else :class:`TrainingError`."""
     try:
@@ -56,15 +73,20 @@ class TrainConfig:
         batch_size: patches per step (per process under torchrun).
         iterations: optimiser steps.
         max_seconds: stop (and save) after this much training time; None: no limit.
-        optimizer: ``adamw`` or ``sgd`` (momentum 0.99, Nesterov); both with poly decay.
+        optimizer: ``adamw`` or ``sgd`` (Nesterov momentum ``momentum``); both with poly decay.
         lr: initial learning rate; None: 1e-3 (AdamW) or 1e-2 (SGD).
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
         poly_power: ``lr_t = lr * (1 - t / iterations) ** poly_power``.
         grad_clip: max gradient L2 norm; 0 switches clipping off.
         ce_weight: weight of cross-entropy in the segmentation loss.
         dice_weight: weight of soft Dice in the segmentation loss.
+        dice_squared: squared Dice denominators (the SelfReg-UNet authors' Dice).
+        dice_background: count background in the Dice mean (the authors' code does).
         lambda_scr: SelfReg SCR weight (0: off).
-        lambda_ifd: SelfReg IFD weight (0: off).
+        lambda_ifd: SelfReg IFD weight (0: off): top-half to bottom-half channel
+            distillation, which raises channel similarity (``docs/method.md``).
+        lambda_decor: our channel decorrelation weight (0: off; not in the paper).
+        momentum: SGD momentum.
         precision: ``auto`` (bf16 where the CPU/GPU has it, fp16 on other CUDA GPUs),
             ``bf16``, ``fp16`` or ``fp32``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
@@ -106,8 +128,12 @@ class TrainConfig:
     grad_clip: float = 12.0
     ce_weight: float = 0.5
     dice_weight: float = 0.5
+    dice_squared: bool = False
+    dice_background: bool = False
     lambda_scr: float = 0.015
     lambda_ifd: float = 0.015
+    lambda_decor: float = 0.0
+    momentum: float = 0.99
     precision: str = "auto"
     device: str = "auto"
     channels_last: bool = True

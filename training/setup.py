@@ -211,7 +211,7 @@ class SetupMixin:
             )
         else:
             self.optimizer = torch.optim.SGD(
-                params, lr=cfg.learning_rate, momentum=0.99, nesterov=True,
+                params, lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=True,
                 weight_decay=cfg.weight_decay,
             )  # fmt: skip
         if resumed is not None and resumed[1] is not None:
@@ -238,11 +238,14 @@ class SetupMixin:
             )  # fmt: skip
         self.augment = Augmenter(dims, tgen) if cfg.augment else None
         self.loss = SelfRegLoss(
-            SegmentationLoss(cfg.ce_weight, cfg.dice_weight),
+            SegmentationLoss(
+                cfg.ce_weight, cfg.dice_weight, cfg.dice_background, squared=cfg.dice_squared
+            ),
             cfg.lambda_scr,
             cfg.lambda_ifd,
             groups=models.selfreg_groups(self.net),
             generator=torch.Generator().manual_seed(int(tgen.initial_seed()) + 1),
+            lambda_decor=cfg.lambda_decor,
         )
         self.validation = PatchValidation(
             self.val_cases, cfg, self.dims, self.dist.rank, self.dist.world_size

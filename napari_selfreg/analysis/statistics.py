@@ -17,6 +17,7 @@ class BlockStats:
     ifd: float
     scr: float  # NaN for the teacher itself
     effective_rank: float
+    decor: float  # our decorrelation term: mean squared off-diagonal channel correlation
     channel_scores: np.ndarray
     similarity: np.ndarray  # (C, C) |cosine|
 
@@ -98,7 +99,7 @@ def block_stats(feature: np.ndarray, teacher: np.ndarray | None, generator=None,
     import torch
     import torch.nn.functional as F
 
-    from ..selfreg import ifd_loss, scr_loss
+    from ..selfreg import decorrelation_loss, ifd_loss, scr_loss
 
     gram = _gram(feature)
     sim = channel_similarity(feature, gram)
@@ -118,6 +119,7 @@ def block_stats(feature: np.ndarray, teacher: np.ndarray | None, generator=None,
         ifd=float(ifd_loss(f)),
         scr=scr,
         effective_rank=effective_rank(feature, gram),
+        decor=float(decorrelation_loss(f)),
         channel_scores=channel_scores(feature),
         similarity=sim,
     )
@@ -151,7 +153,8 @@ def redundancy_stats(features, generator=None, draws: int = 4) -> dict[str, Bloc
 
 
 def stats_table(stats: Mapping[str, BlockStats]) -> dict[str, list]:
-    """Column-wise table (block, channels, mean |cos|, IFD, SCR, effective rank) for plots."""
+    """Column-wise table (block, channels, mean |cos|, IFD, SCR, effective rank,
+    decorrelation) for plots."""
     return {
         "block": list(stats),
         "channels": [s.channels for s in stats.values()],
@@ -159,4 +162,5 @@ def stats_table(stats: Mapping[str, BlockStats]) -> dict[str, list]:
         "ifd": [s.ifd for s in stats.values()],
         "scr": [s.scr for s in stats.values()],
         "effective_rank": [s.effective_rank for s in stats.values()],
+        "decor": [s.decor for s in stats.values()],
     }

@@ -57,6 +57,8 @@ from ..distill import distillation_loss, level_pairs
 from ._registry import FeatureInfo, register_model
 from .layers import Conv3d, crop_to, pad_to_multiple
 
+OFFICIAL_KD_WEIGHTS = (0.5, 2.0, 8.0)  # deepest first, as the published code weights them
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with 8 groups (fewer when ``channels`` is not a multiple of 8)."""
@@ -138,7 +140,8 @@ class MISSU(nn.Module):
         img_size: tile (D, H, W) that sizes the positional embedding.
         training_modules: build the LMSF teachers and their auxiliary heads.
         kd_weights: KL weight per level, deepest first (x3->y3, x2->y2, x1->y1);
-            default 1 for every level.
+            default 1 for every level; ``"official"``: (0.5, 2, 8), the weights the
+            published code applies implicitly through its divisor (3 skip levels).
         kd_tau: distillation temperature.
         lmsf_weight: weight of the LMSF auxiliary segmentation loss.
     """
@@ -156,7 +159,7 @@ class MISSU(nn.Module):
         dropout: float = 0.1,
         img_size: int | Sequence[int] = (128, 128, 128),
         training_modules: bool = False,
-        kd_weights: Sequence[float] | None = None,
+        kd_weights: Sequence[float] | str | None = None,
         kd_tau: float = 1.0,
         lmsf_weight: float = 0.5,
     ):
@@ -170,6 +173,8 @@ class MISSU(nn.Module):
             raise ValueError(
                 "MISSU needs >= 2 levels, one block count per level and a 3D img_size"
             )
+        if kd_weights == "official":
+            kd_weights = OFFICIAL_KD_WEIGHTS
         kd_weights = [1.0] * (n - 1) if kd_weights is None else kd_weights
         if len(kd_weights) != n - 1:
             raise ValueError(f"kd_weights needs {n - 1} values (one per skip level)")

@@ -223,7 +223,7 @@ class SwinUNet(nn.Module):
         patch_size: int = 4,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
-        drop_path: float = 0.1,
+        drop_path: float = 0.2,
     ):
         super().__init__()
         depths, num_heads = [int(d) for d in depths], [int(h) for h in num_heads]

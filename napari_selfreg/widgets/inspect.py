@@ -41,6 +41,7 @@ BAR_STATS = [
     ("ifd", "IFD", True),
     ("scr", "SCR vs final", True),
     ("effective_rank", "effective rank", False),
+    ("decor", "decorrelation (ours; IFD raises |cos|)", True),
 ]
 
 
@@ -424,7 +425,8 @@ class InspectWidget(QWidget):
         """Cosine-similarity heatmap(s) of ``block`` and per-block bar charts."""
         fig = self.figure
         fig.clear()
-        grid = fig.add_gridspec(3, 2, height_ratios=[1.4, 1, 1])
+        rows = 1 + (len(BAR_STATS) + 1) // 2
+        grid = fig.add_gridspec(rows, 2, height_ratios=[1.4] + [1] * (rows - 1))
         n = len(results)
         for i, res in enumerate(results):
             ax = fig.add_subplot(grid[0, i] if n == 2 else grid[0, :])
