@@ -231,3 +231,17 @@ def test_the_ranking_and_statistics_files_of_a_folder_run(tiny_model, scans, tmp
     assert len(files) == 1 and set(files[0]["classes"]) == {"background", "outer", "inner"}
     total = sum(c["voxels"] for c in files[0]["classes"].values())
     assert total == 20**3
+
+
+def test_a_killed_finetuning_leaves_nothing_after_the_next_start(tmp_path, tiny_model):
+    from napari_selfreg.training import FinetuneConfig
+    from napari_selfreg.training.finetune import finetune
+
+    image, labels = make_phantom((16, 16, 16), 3, seed=0)
+    leftover = tmp_path / ".selfreg-finetune-999999999-abcdef"  # SIGKILL left it
+    leftover.mkdir()
+    (leftover / "last").mkdir()
+    changed = np.zeros(labels.shape, bool)
+    changed[8, 4:8, 4:8] = True
+    finetune(tiny_model, image, labels, changed, FinetuneConfig(iterations=1, precision="fp32"), tmp_path / "ft")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft", "selfreg-home"]

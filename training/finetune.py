@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import shutil
-import tempfile
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from napari_selfreg import models
+from napari_selfreg.files import clear_stale, temporary_path
 from napari_selfreg.jobs import drain
 from napari_selfreg.modelfile import DEFAULT_COLORS, ModelBundle, load_model, user_models_dir
 
@@ -427,7 +427,9 @@ def iter_finetune(
     base_card.options = {**card.options, "num_classes": len(class_names)}
     target = Path(out) if out is not None else user_models_dir() / f"{card.name}-ft"
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.finetune-", dir=target.parent))
+    clear_stale(target.parent)  # what killed fine-tunings left there
+    work = temporary_path(target, "finetune", keep_suffix=False)
+    work.mkdir()
     record = {**_asdict(cfg), f"{what}_voxels": n_changed, "reviewed_voxels": n_reviewed, **moved}
     trainer = Trainer(
         train_cfg,
