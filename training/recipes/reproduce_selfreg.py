@@ -20,7 +20,7 @@ measured by interleaving plain and SelfReg steps of the loop's own
 ``Trainer.train_step`` (robust to the load of a shared machine).
 
 Run: ``python training/recipes/reproduce_selfreg.py [--iterations N] [--seeds 0 1 2]``
-(writes ``training/results/reproduction.json`` and ``.md``). The phantom
+(writes ``training/results/reproduction_v1.json`` and ``.md``; v2 is ``reproduce_selfreg_v2.py``). The phantom
 setting trains 3x the iterations (it is harder: class intensities are
 permuted per phantom, so shape and context must be learnt). One torch thread
 per process: on a 2-core machine shared with other jobs, two OpenMP threads
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS / "reproduction")
+    parser.add_argument("--out", type=Path, default=RESULTS / "reproduction_v1")
     parser.add_argument("--skip-default-arch", action="store_true", help="skip the step-time ratio of the full-size default UNets")  # fmt: skip
     parser.add_argument(
         "--render", action="store_true", help="only rewrite the .md from the .json"
