@@ -76,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-o", "--output", required=True, help="output folder")
     sample.set_defaults(func=cmd_sample)
 
+    export = sub.add_parser(
+        "export",
+        help="export a model as a bioimage.io package or a MONAI bundle",
+        description="Export a model for other tools: --format bioimageio writes a bioimage.io "
+        "model package (.zip: PyTorch and TorchScript weights, test data, docs); --format "
+        "monai-bundle writes a MONAI bundle folder (for MONAI Label in 3D Slicer, MONAI "
+        "Auto3DSeg, monai.bundle). Inputs must be normalised as the model card says; see "
+        "docs/exports.md.",
+    )
+    export.add_argument("model", metavar="MODEL", help="model name or folder ('default': the bundled model)")  # fmt: skip
+    export.add_argument("--format", required=True, choices=["bioimageio", "monai-bundle"], help="bioimageio (a .zip) or monai-bundle (a folder)")  # fmt: skip
+    export.add_argument("-o", "--output", required=True, help="MODEL.zip for bioimageio, a new folder for monai-bundle")  # fmt: skip
+    export.add_argument("--overwrite", action="store_true", help="replace an existing package or bundle (never another file or folder)")  # fmt: skip
+    export.set_defaults(func=cmd_export)
+
     try:
         training_cli = importlib.import_module("napari_selfreg.training.cli")
     except ModuleNotFoundError as err:  # the training module is optional
@@ -493,6 +508,15 @@ def cmd_sample(args) -> int:
 
     for path in write_sample(args.name, args.output):
         print(f"wrote {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_bioimageio, export_monai_bundle
+
+    write = export_bioimageio if args.format == "bioimageio" else export_monai_bundle
+    path = write(args.model, Path(args.output).expanduser(), overwrite=args.overwrite)
+    print(f"wrote {args.format} {'package' if args.format == 'bioimageio' else 'bundle'} {path}")
     return 0
 
 
