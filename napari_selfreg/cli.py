@@ -516,7 +516,9 @@ def cmd_export(args) -> int:
 
     write = export_bioimageio if args.format == "bioimageio" else export_monai_bundle
     path = write(args.model, Path(args.output).expanduser(), overwrite=args.overwrite)
-    print(f"wrote {args.format} {'package' if args.format == 'bioimageio' else 'bundle'} {path}")
+    print(
+        f"wrote {'bioimage.io package' if args.format == 'bioimageio' else 'MONAI bundle'} {path}"
+    )
     return 0
 
 
