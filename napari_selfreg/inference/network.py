@@ -78,7 +78,12 @@ def count_flops(net: nn.Module, input_shape: Sequence[int]) -> float:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             meta(torch.empty(tuple(input_shape), device="meta"))
         return float(counter.get_total_flops())
-    except (RuntimeError, NotImplementedError, TypeError, AssertionError):  # no meta kernel, or TorchScript
+    except (
+        RuntimeError,
+        NotImplementedError,
+        TypeError,
+        AssertionError,
+    ):  # no meta kernel, or TorchScript
         return 0.0
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
