@@ -76,7 +76,7 @@ class SynthSettings:
     stripped_rim: float = 0.3  # share of skull-stripped subjects that keep a CSF rim
     neck: float = 0.6  # probability that the field of view reaches into the neck
     thick_slices: float = 0.2  # thick slices (2-5 mm) along a random axis
-    low_resolution: float = 0.15  # isotropic 1.2-3 mm
+    low_resolution: float = 0.3  # isotropic 1.2-3 mm
     partial_volume_sigma: float = 0.5  # max blur (voxels) of 1 mm scans
     noise: tuple[float, float] = (0.0, 0.05)
     bias: tuple[float, float] = (0.0, 0.35)
