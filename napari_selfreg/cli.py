@@ -232,19 +232,6 @@ def check_outputs(inputs: list[Path], outputs: list[Path], overwrite: bool) -> N
             raise FileExistsError(f"output {out} exists; pass --overwrite to replace it")
 
 
-def class_volumes(labels, volume, names: list[str]) -> list[tuple[str, int, float]]:
-    """``(name, voxels, ml)`` per class; 2D volumes report mm^2 instead of ml."""
-    import numpy as np
-
-    counts = np.bincount(np.asarray(labels).ravel(), minlength=len(names))
-    if volume.ndim == 3:
-        unit = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0  # mm^3 -> ml
-    else:
-        unit = float(np.prod(volume.spacing[:2]))  # mm^2
-    names = list(names) + [f"class {i}" for i in range(len(names), len(counts))]
-    return [(names[i], int(c), float(c) * unit) for i, c in enumerate(counts)]
-
-
 def cmd_segment(args) -> int:
     from .files import clear_stale
     from .inference import Predictor
@@ -295,9 +282,13 @@ def cmd_segment(args) -> int:
         if ranking is not None:
             rankings[str(source)] = ranking
     if args.rank_slices and rankings:
+        from .files import write_json_atomic
+
         path = write_json_atomic(args.rank_slices, {"what": "slices ranked by summed normalised entropy (1 = the most uncertain slice)", "inputs": rankings})  # fmt: skip
         print(f"wrote slice ranking {path}")
     if args.statistics and statistics:
+        from .volumes import write_statistics
+
         print(f"wrote volume statistics {write_statistics(args.statistics, statistics, names)}")
     remove_if_empty(created)
     if failed:
@@ -309,10 +300,13 @@ def cmd_segment(args) -> int:
 def segment_one(predictor, source: Path, target: Path, names: list[str], args):
     """Segment one input, write its outputs, print its class volumes; returns the
     statistics row and the slice ranking (or None)."""
+    import textwrap
+
     import numpy as np
 
     from . import io
     from .review import rank_slices
+    from .volumes import as_record, as_text, class_volumes
 
     volume = io.read_volume(source, channel=args.channel)
     result = run_with_progress(predictor, volume, source.name, args.quiet)
@@ -333,17 +327,10 @@ def segment_one(predictor, source: Path, target: Path, names: list[str], args):
         f"wrote labels {written} ({' x '.join(map(str, volume.shape))} voxels, "
         f"{info['seconds']:.1f} s on {info['device']} in {info['precision']})"
     )
-    unit = "ml" if volume.ndim == 3 else "mm^2"
-    width = max(len(n) for n in names)
-    rows = class_volumes(labels, volume, names)
-    for name, voxels, amount in rows:
-        print(f"  {name:<{width}}  {voxels:>10d} voxels  {amount:12.2f} {unit}")
-    labelled = sum(amount for name, _, amount in rows[1:]) or 1.0
-    stats = {
-        "file": str(source), "labels": str(written), "unit": unit,
-        "classes": {name: {"voxels": voxels, unit: round(amount, 3), "fraction_of_labelled": round(amount / labelled, 4) if i else None}
-                    for i, (name, voxels, amount) in enumerate(rows)},
-    }  # fmt: skip
+    linear = volume.affine[:3, :3] if volume.ndim == 3 else np.diag(volume.spacing[:2])
+    rows, unit = class_volumes(labels, names, linear)
+    print(textwrap.indent(as_text(rows, unit), "  "), end="")
+    stats = as_record(rows, unit, file=str(source), labels=str(written))
     ranking = None
     if result.slice_scores is not None:
         ranking = {
@@ -354,33 +341,6 @@ def segment_one(predictor, source: Path, target: Path, names: list[str], args):
             for axis, scores in enumerate(result.slice_scores)
         }
     return stats, ranking
-
-
-def write_statistics(path: str | Path, rows: list[dict], names: list[str]) -> Path:
-    """Class volumes per input as ``.json`` (one object per file) or ``.csv`` (one row per
-    file: voxels, volume and fraction of the labelled total per class)."""
-    path = Path(path).expanduser()
-    if path.suffix.lower() == ".json":
-        return write_json_atomic(path, {"files": rows})
-    if path.suffix.lower() != ".csv":
-        raise ValueError(f"--statistics needs a .csv or .json file name, not {path.name}")
-    import csv
-    import io as _io
-
-    unit = rows[0]["unit"]
-    header = ["file", "labels"]
-    for name in names:
-        header += [f"{name} voxels", f"{name} {unit}"] + ([f"{name} fraction"] if name != names[0] else [])  # fmt: skip
-    buffer = _io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    for row in rows:
-        line = [row["file"], row["labels"]]
-        for name in names:
-            c = row["classes"].get(name, {"voxels": 0, unit: 0.0, "fraction_of_labelled": 0.0})
-            line += [c["voxels"], c[unit]] + ([c["fraction_of_labelled"]] if name != names[0] else [])  # fmt: skip
-        writer.writerow(line)
-    return write_text_atomic(path, buffer.getvalue())
 
 
 def prepare_output_folders(outputs: list[Path]) -> list[Path]:
@@ -432,30 +392,6 @@ def run_with_progress(predictor, volume, label: str, quiet: bool):
 
 
 # ----------------------------------------------------------------------------- other commands
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    import os
-
-    from .files import follow_umask, temporary_path
-
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
-        tmp.write_text(text)
-        follow_umask(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def write_json_atomic(path: str | Path, data) -> Path:
-    """Write ``data`` as JSON to ``path`` atomically."""
-    return write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def cmd_info(args) -> int:

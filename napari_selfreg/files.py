@@ -7,6 +7,8 @@
   replacing a file that appeared meanwhile (unless told to);
 * :func:`follow_umask` - files get the mode the user's umask gives new files
   (``mkstemp`` makes them 0600);
+* :func:`write_text_atomic`, :func:`write_json_atomic` - small files through a
+  temporary file and a rename;
 * :class:`RunLock` - one process at a time writes a run folder; the lock of a dead
   process is taken over.
 """
@@ -168,3 +170,25 @@ class RunLock:
 
 class RunLockedError(ValueError):
     """Another live process writes the same run folder (one sentence)."""
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        tmp.write_text(text)
+        follow_umask(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json_atomic(path: str | Path, data) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically."""
+    import json
+
+    return write_text_atomic(path, json.dumps(data, indent=2))

@@ -167,3 +167,27 @@ def test_closing_the_dock_while_running_still_delivers(
         viewer.window.remove_dock_widget(dock)
     assert ended == ["returned"]
     assert [lay.name for lay in viewer.layers] == ["phantom", "phantom [tiny]"]
+
+
+def test_the_class_volume_table_shows_and_copies_the_result(qtbot, setup):
+    from qtpy.QtWidgets import QApplication
+
+    viewer, widget, _, _ = setup
+    assert not widget.volumes.isVisibleTo(widget)
+    _run_and_wait(qtbot, widget)
+    labels = viewer.layers["phantom [tiny]"]
+    counts = np.bincount(np.asarray(labels.data).ravel(), minlength=3)
+    names = labels.metadata["selfreg_class_names"]
+    assert widget.volumes.isVisibleTo(widget) and widget.volumes.rowCount() == len(names)
+    voxel_ml = 2.0 * 1.0 * 1.5 / 1000  # the layer's scale
+    for i, name in enumerate(names):
+        assert widget.volumes.item(i, 0).text() == name
+        assert widget.volumes.item(i, 1).text() == str(counts[i])
+        assert widget.volumes.item(i, 2).text() == f"{counts[i] * voxel_ml:.2f}"
+    text = widget.copy_volumes()
+    assert QApplication.clipboard().text() == text
+    lines = text.splitlines()
+    assert lines[0].split("\t") == ["class", "voxels", "ml", "% of labelled"]
+    labelled = max(1, counts[1:].sum())
+    for line, n in zip(lines[2:], counts[1:], strict=True):
+        assert line.split("\t")[3] == f"{100 * n / labelled:.1f}"

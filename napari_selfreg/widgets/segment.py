@@ -14,14 +14,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image
-from qtpy.QtCore import QTimer, Signal
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QApplication,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QHeaderView,
     QLabel,
     QPushButton,
     QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
@@ -29,7 +34,7 @@ from qtpy.QtWidgets import (
 if TYPE_CHECKING:
     import napari
 
-from ..geometry import layer_ras_affine
+from ..geometry import layer_ras_affine, layer_world_matrix
 from ..settings import DEFAULTS, DEVICES, PRECISIONS
 from ._common import (
     JobPanel,
@@ -89,6 +94,7 @@ class SegmentWidget(QWidget):
         image_picker: the image layer to segment.
         model_picker: bundled / user / loaded model folders.
         job: progress bar, status and Cancel of the running segmentation.
+        volumes: table of each class's voxels, volume and share of the last result.
         segmented: Qt signal with the new Labels layer after each run.
     """
 
@@ -127,6 +133,16 @@ class SegmentWidget(QWidget):
         self.run_button.clicked.connect(self.run)
         self.job = JobPanel(viewer)
         self.job.lock_while_running(self.run_button)
+        self.volumes = QTableWidget(0, 4)
+        self.volumes.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.volumes.verticalHeader().setVisible(False)
+        self.volumes.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+        self.volumes.setVisible(False)
+        self.copy_button = QPushButton("Copy table")
+        self.copy_button.setToolTip("Copy the class volumes as tab-separated text (pastes into a spreadsheet)")  # fmt: skip
+        self.copy_button.clicked.connect(self.copy_volumes)
+        self.copy_button.setVisible(False)
+        self._volumes_tsv = ""
 
         form = QFormLayout()
         form.addRow("Image", self.image_picker)
@@ -142,6 +158,8 @@ class SegmentWidget(QWidget):
         box.addLayout(form)
         box.addWidget(self.run_button)
         box.addWidget(self.job)
+        box.addWidget(self.volumes)
+        box.addWidget(self.copy_button)
         box.addStretch(1)
 
         self.model_picker.changed.connect(self._show_model_info)
@@ -293,7 +311,40 @@ class SegmentWidget(QWidget):
             f"Added {layer.name!r}{took} on {result.info.get('device', '?')} "
             f"({result.info.get('precision', '?')})."
         )
+        self.show_volumes(layer)
         self.segmented.emit(unwrap(layer))
+
+    def show_volumes(self, layer) -> None:
+        """Fill the table with the class volumes of a Labels layer (names from its metadata)."""
+        from ..volumes import as_table, as_tsv, class_volumes
+
+        data = np.asarray(layer.data)
+        names = layer.metadata.get("selfreg_class_names") or ["background"]
+        linear = layer_world_matrix(layer)[:-1, :-1]  # voxel -> world millimetres
+        rows, unit = class_volumes(data, names, linear)
+        table = as_table(rows, unit)
+        self.volumes.setHorizontalHeaderLabels(table[0])
+        self.volumes.setRowCount(len(table) - 1)
+        for i, line in enumerate(table[1:]):
+            for j, text in enumerate(line):
+                item = QTableWidgetItem(text)
+                if j:
+                    item.setTextAlignment(
+                        Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
+                    )
+                self.volumes.setItem(i, j, item)
+        height = self.volumes.horizontalHeader().height() + sum(self.volumes.rowHeight(i) for i in range(len(rows)))  # fmt: skip
+        self.volumes.setFixedHeight(height + 2 * self.volumes.frameWidth())
+        self.volumes.setToolTip(f"Class volumes of {layer.name!r}")
+        self._volumes_tsv = as_tsv(rows, unit)
+        self.volumes.setVisible(True)
+        self.copy_button.setVisible(True)
+
+    def copy_volumes(self) -> str:
+        """Put the class volume table on the clipboard; returns the text."""
+        QApplication.clipboard().setText(self._volumes_tsv)
+        self.job.status.setText("Copied the class volumes to the clipboard.")
+        return self._volumes_tsv
 
     # ------------------------------------------------------------------ helpers for other widgets
     def segment_with(self, model_path: str | Path, image_layer=None):
