@@ -248,10 +248,7 @@ def cmd_segment(args) -> int:
         outputs = [o for o, d in zip(outputs, done, strict=True) if not d]
     every = outputs + [companion(o, t) for o in outputs for t in tags]
     check_outputs(inputs, every, args.overwrite)
-    created = prepare_output_folders(every)
-    for folder in {o.parent for o in outputs}:
-        clear_stale(folder)
-    predictor = Predictor(
+    predictor = Predictor(  # a bad --model or --tile fails before any folder is made
         args.model,
         tile=args.tile,
         overlap=args.overlap,
@@ -263,6 +260,9 @@ def cmd_segment(args) -> int:
         uncertainty=args.uncertainty,
         slice_scores=bool(args.rank_slices),
     )
+    created = prepare_output_folders(every)
+    for folder in {o.parent for o in outputs}:
+        clear_stale(folder)
     card = predictor.card
     names = card.class_names if card else [f"class {i}" for i in range(predictor.num_classes)]
     rankings: dict[str, dict] = {}

@@ -89,6 +89,24 @@ def count_nonfinite(image: np.ndarray) -> int:
     )
 
 
+def finite_range(image: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, float] | None:
+    """Smallest and largest finite value (inside ``mask``), read slab by slab; None when
+    there is none."""
+    if image.ndim == 0 or image.size == 0:
+        return None
+    step = max(1, _SLAB_VOXELS // max(1, image[0].size))
+    lo, hi = np.inf, -np.inf
+    for i in range(0, image.shape[0], step):
+        slab = image[i : i + step]
+        if mask is not None:
+            slab = slab[mask[i : i + step]]
+        if np.issubdtype(slab.dtype, np.inexact):
+            slab = slab[np.isfinite(slab)]
+        if slab.size:
+            lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+    return (lo, hi) if lo <= hi else None
+
+
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold of a 1D sample (maximises the between-class variance)."""
     values = np.asarray(values, dtype=np.float64)
@@ -146,6 +164,7 @@ def normalization_stats(
         image = image.view(np.uint8)
     nonfinite = count_nonfinite(image)
     sub = _subsample(image)
+    subsampled = sub is not image
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != image.shape:
@@ -168,7 +187,10 @@ def normalization_stats(
         # a few absurd voxels (3e38 in a scan) must not decide the scale of all others
         lo, hi = np.percentile(sample, [0.01, 99.99])
         span = max(hi - lo, 1e-12)
-        if sample.max() > hi + 10 * span or sample.min() < lo - 10 * span:
+        least, most = float(sample.min()), float(sample.max())
+        if subsampled:  # the subsample may miss a lone absurd voxel: look at them all
+            least, most = finite_range(image, mask) or (least, most)
+        if most > hi + 10 * span or least < lo - 10 * span:
             outliers = (float(lo), float(hi))
             sample = np.clip(sample, lo, hi)
             notes.append(f"extreme values outside {lo:g}..{hi:g} were clipped")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,3 +246,157 @@ def test_a_killed_finetuning_leaves_nothing_after_the_next_start(tmp_path, tiny_
     changed[8, 4:8, 4:8] = True
     finetune(tiny_model, image, labels, changed, FinetuneConfig(iterations=1, precision="fp32"), tmp_path / "ft")  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft", "selfreg-home"]
+
+
+# ----------------------------------------------------------------------------- audit of issue 19
+
+
+def test_a_full_disk_while_saving_the_final_model_is_one_sentence(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from napari_selfreg.training import CheckpointError
+
+    save = safetensors.torch.save_file
+
+    def full_beside_the_model(tensors, path, *args, **kwargs):
+        if Path(path).parent.parent == tmp_path:  # the model's temporary, not a checkpoint's
+            raise SafetensorError("Error while serializing: IoError(No space left on device)")
+        return save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_beside_the_model)
+    with pytest.raises(CheckpointError, match=r"could not write the model .*No space left.* intact - run again with --resume"):  # fmt: skip
+        for _ in iter_train(tiny_config(), cases(), tmp_path / "M"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["M.checkpoints", "selfreg-home"]
+
+
+def test_a_parked_best_checkpoint_is_recovered_and_leftovers_cleared(tmp_path):
+    config = tiny_config(iterations=50, val_fraction=0.5)
+    gen = iter_train(config, cases(), tmp_path / "M")
+    for event in gen:
+        if event.stage == "checkpoint" and event.model_path.name == "last":
+            break
+    gen.close()
+    ckpt = tmp_path / "M.checkpoints"
+    os.rename(ckpt / "best", ckpt / f".best.old-{os.getpid()}-abcdef")  # killed right here
+    (ckpt / ".last.old-999999999-fedcba").mkdir()  # killed after the second rename
+    resumed = iter_train(config, cases(), tmp_path / "M", resume=True)
+    assert "resumed at iteration 2" in next(resumed).message
+    resumed.close()
+    assert (ckpt / "best" / "model.json").is_file()
+    assert not [p.name for p in ckpt.iterdir() if ".old-" in p.name]
+
+
+def test_an_interrupted_checkpoint_write_leaves_no_temporary_folder(tiny_model, tmp_path, monkeypatch):  # fmt: skip
+    import torch
+
+    from napari_selfreg.training import checkpoint
+
+    def interrupted(state):
+        raise KeyboardInterrupt
+
+    bundle = load_model(tiny_model)
+    optimizer = torch.optim.AdamW(bundle.network.parameters())
+    monkeypatch.setattr(checkpoint, "flatten_optimizer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.write_checkpoint(tmp_path / "ckpt" / "last", bundle.network, bundle.card, optimizer, {})  # fmt: skip
+    assert not list((tmp_path / "ckpt").iterdir())
+
+
+def test_python_m_training_stops_on_sigterm_like_ctrl_c(tmp_path):
+    script = (
+        "import os, signal, sys, time\n"
+        "from napari_selfreg.training import cli\n"
+        "def run(args):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "cli.cmd_train = run\n"
+        "sys.exit(cli.main(['train', '--images', 'i', '--labels', 'l', '--out', 'M']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 130, (done.returncode, done.stderr)
+    assert "interrupted" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["x" * 101, ".hidden", "a..b"])
+def test_an_output_name_that_cannot_be_a_model_name_is_refused_before_training(tmp_path, name):
+    with pytest.raises(TrainingError, match="cannot be a folder name"):
+        next(iter_train(tiny_config(), cases(), tmp_path / name))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["selfreg-home"]  # nothing written
+
+
+def test_a_long_base_name_still_gives_a_valid_finetuned_name(tiny_model, tmp_path):
+    from napari_selfreg.modelfile import MAX_NAME, save_model
+    from napari_selfreg.training import FinetuneConfig
+    from napari_selfreg.training.finetune import finetune
+
+    bundle = load_model(tiny_model)
+    base = save_model(bundle.network, bundle.card, tmp_path / ("b" * MAX_NAME))
+    image, labels = make_phantom((16, 16, 16), 3, seed=0)
+    changed = np.zeros(labels.shape, bool)
+    changed[8, 4:8, 4:8] = True
+    config = FinetuneConfig(iterations=1, precision="fp32")
+    first = finetune(base, image, labels, changed, config)
+    second = finetune(base, image, labels, changed, config)
+    assert first.name == "b" * (MAX_NAME - 7) + "-ft" and second.name == first.name + "-v2"
+    assert load_model(second).card.name == second.name
+
+
+def test_the_zarr_output_temporary_is_short_and_found_by_clear_stale(tiny_model, tmp_path, monkeypatch):  # fmt: skip
+    from napari_selfreg import files
+    from napari_selfreg.inference import Predictor, outputs
+
+    made = []
+    original = outputs._zarr_outputs
+    monkeypatch.setattr(outputs, "_zarr_outputs", lambda path, specs: made.append(path) or original(path, specs))  # fmt: skip
+    (tmp_path / ".selfreg-zarr-999999999-abcdef").mkdir()  # a killed run left it
+    image, _ = make_phantom((20, 20, 20), 3, seed=1)
+    Predictor(load_model(tiny_model), precision="fp32").segment(image, out=tmp_path / ("o" * 200 + ".zarr"))  # fmt: skip
+    assert files._STALE.match(made[0].name) and len(made[0].name) < 50
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o" * 200 + ".zarr", "selfreg-home"]
+
+
+@pytest.mark.parametrize("options", [["--model", "no-such-model"], ["--tile", "1", "1", "1"]])
+def test_a_bad_model_or_tile_leaves_no_output_folder(tiny_model, scans, tmp_path, capsys, options):  # fmt: skip
+    args = ["segment", str(scans / "a.nii.gz"), "-o", str(tmp_path / "new" / "deep" / "s.nii.gz"), "--model", str(tiny_model)]  # fmt: skip
+    assert main(args + options) == 2
+    assert capsys.readouterr().err.startswith("napari-selfreg: error:")
+    assert not (tmp_path / "new").exists()
+
+
+def test_one_absurd_voxel_outside_the_statistics_subsample_is_clipped():
+    from napari_selfreg import preprocess
+
+    image = np.random.default_rng(0).normal(100, 20, (180, 180, 180)).astype(np.float32)
+    assert image.size > preprocess.MAX_STAT_SAMPLES
+    image[1, 1, 1] = 3e38  # odd indices: never in the stride-2 subsample
+    stats = preprocess.normalization_stats(image, {"method": "zscore", "foreground": "all"})
+    assert any("clipped" in w for w in stats.warnings)
+    out = preprocess.apply_normalization(image[:4], stats)
+    assert np.isfinite(out).all() and float(np.abs(out).max()) < 10
+
+
+def test_many_nonfinite_voxels_give_a_warning():
+    from napari_selfreg import preprocess
+
+    image = np.random.default_rng(1).normal(100, 20, (40, 40, 40)).astype(np.float32)
+    image[:5] = np.nan
+    image[5] = np.inf
+    stats = preprocess.normalization_stats(image, {"method": "zscore"})
+    assert stats.nonfinite == 6 * 40 * 40
+    assert any("15 % of the voxels are NaN or infinite" in w for w in stats.warnings)
+    assert np.isfinite(preprocess.apply_normalization(image, stats)).all()
+
+
+def test_training_files_of_another_type_are_named_or_ignored(folders):
+    from napari_selfreg.training import load_folder
+
+    for sub in ("images", "labels"):
+        (folders / sub / "extra.nrrd").write_bytes(b"NRRD0004\n")
+    assert [c.name for c in load_folder(folders / "images", folders / "labels")] == ["c0", "c1", "c2"]  # fmt: skip
+    only = folders / "nrrd"
+    only.mkdir()
+    (only / "a.nrrd").write_bytes(b"NRRD0004\n")
+    with pytest.raises(TrainingError, match=r"holds no image files .*'a.nrrd' of another type - convert to NIfTI"):  # fmt: skip
+        load_folder(only, only)

@@ -82,19 +82,21 @@ def _swap_in(tmp: Path, target: Path) -> None:
 
 
 def recover(folder: str | os.PathLike) -> bool:
-    """Bring back a checkpoint that a run killed between :func:`_swap_in`'s two renames
-    left parked as ``.NAME.old-*``; True if it did."""
+    """Bring back a checkpoint (``last`` or ``best``) that a run killed between
+    :func:`_swap_in`'s two renames left parked as ``.NAME.old-*``, and remove the parked
+    folders left over; True if it brought one back."""
     folder = Path(folder)
-    if folder.exists() or not folder.parent.is_dir():
+    if not folder.parent.is_dir():
         return False
-    parked = sorted(
-        (p for p in folder.parent.glob(f".{folder.name}.old-*") if (p / STATE_FILE).is_file() or (p / "model.json").is_file()),
-        key=lambda p: p.stat().st_mtime,
-    )  # fmt: skip
-    if not parked:
-        return False
-    os.rename(parked[-1], folder)
-    return True
+    parked = sorted(folder.parent.glob(f".{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    complete = [p for p in parked if (p / STATE_FILE).is_file() or (p / "model.json").is_file()]
+    restored = not folder.exists() and bool(complete)
+    if restored:
+        os.rename(complete[-1], folder)
+    for p in parked:
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
+    return restored
 
 
 def write_checkpoint(
@@ -128,8 +130,10 @@ def write_checkpoint(
                 fh.flush()
                 os.fsync(fh.fileno())
         _swap_in(tmp, folder)
-    except (OSError, SafetensorError) as err:
+    except BaseException as err:  # Ctrl-C / SIGTERM too: no half-written folder stays
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, (OSError, SafetensorError)):
+            raise
         reason = getattr(err, "strerror", None) or str(err)
         raise CheckpointError(
             f"could not write the checkpoint {folder} ({reason}); the previous checkpoint "

@@ -182,11 +182,15 @@ def case_name(path: Path) -> str:
 def _list_files(folder: Path, what: str) -> list[Path]:
     if not folder.is_dir():
         raise TrainingError(f"{what} folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
-    files = [p for p in files if p.name.lower().endswith(_SUFFIXES)]
+    found = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+    files = [p for p in found if p.name.lower().endswith(_SUFFIXES)]
     if not files:
+        seen = ""
+        if found:  # files of another type, e.g. .nrrd, which training does not read
+            more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+            seen = f"; {found[0].name!r}{more} of another type - convert to NIfTI (.nii.gz)"
         raise TrainingError(
-            f"{what} folder {folder} holds no image files ({', '.join(_SUFFIXES)})"
+            f"{what} folder {folder} holds no image files ({', '.join(_SUFFIXES)}){seen}"
         )
     return files
 

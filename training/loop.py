@@ -37,7 +37,14 @@ from napari_selfreg.device import (
 )
 from napari_selfreg.files import RunLock, RunLockedError, clear_stale
 from napari_selfreg.jobs import drain
-from napari_selfreg.modelfile import ModelCard, load_model, save_model
+from napari_selfreg.modelfile import (
+    MAX_NAME,
+    ModelCard,
+    ModelFileError,
+    check_name,
+    load_model,
+    save_model,
+)
 
 from . import distributed, metrics
 from .cards import CardMixin
@@ -51,6 +58,17 @@ from .config import (
 )
 from .datasets import Case
 from .setup import SetupMixin
+
+
+def fit_name(out: Path, limit: int) -> Path:
+    """``out`` with its name cut to ``limit`` characters, keeping a short last ``-part``
+    (``<long base name>-ft`` stays ``<cut base name>-ft``)."""
+    name = out.name
+    if len(name) <= limit:
+        return out
+    head, sep, tail = name.rpartition("-")
+    keep = sep + tail if head and len(tail) <= 8 else ""
+    return out.with_name(name[: limit - len(keep)].rstrip("-. ") + keep)
 
 
 def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
@@ -73,7 +91,8 @@ class Trainer(SetupMixin, CardMixin):
             such a run is refused: resume it or restart).
         checkpoints: where best/last go (default ``OUT.checkpoints``).
         configure: called with the network before the optimiser is built (freezing).
-        new_version: write ``OUT-v2`` ... when ``out`` exists.
+        new_version: write ``OUT-v2`` ... when ``out`` exists (a name too long to take
+            ``-vN`` is cut, see :func:`fit_name`).
         extra_training: more entries for the card's ``training`` record.
         validation_cases: validate on these instead of the split's validation cases
             (fine-tuning: the voxels the user reviewed; a case's weight 0 leaves a voxel
@@ -106,6 +125,12 @@ class Trainer(SetupMixin, CardMixin):
         self.config = config
         self.cases = cases
         self.out = Path(out)
+        if new_version:  # room for the -vN a taken name gets
+            self.out = fit_name(self.out, MAX_NAME - len("-v99"))
+        try:  # the folder's name is the card's name: refuse it now, not at the first checkpoint
+            check_name(self.out.name, "model name (the output folder's name)")
+        except ModelFileError as err:
+            raise TrainingError(str(err)) from err
         self.network = network
         self.base_card = base_card
         self.parent = parent
@@ -359,16 +384,19 @@ class Trainer(SetupMixin, CardMixin):
         if self.dist.is_main:
             result = self._whole_volume_metrics(net)
             card = self.make_card(result)
+            from safetensors import SafetensorError  # a full disk, like OSError
+
             try:
                 path = save_model(net, card, self.out, new_version=self.new_version)
-            except OSError as err:
+            except (OSError, SafetensorError) as err:
+                reason = getattr(err, "strerror", None) or err
                 hint = (
                     f"; the checkpoints in {self.ckpt} are intact - run again with --resume"
                     if self.ckpt == checkpoint_dir(self.out)
                     else ""
                 )
                 raise CheckpointError(
-                    f"could not write the model {self.out} ({err.strerror or err}), nothing "
+                    f"could not write the model {self.out} ({reason}), nothing "
                     f"partial was left{hint}"
                 ) from err
         path = Path(self.dist.broadcast_object(str(path)))

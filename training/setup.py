@@ -91,7 +91,8 @@ class SetupMixin:
     def check_run_folder(self) -> None:
         """Refuse to start over a run that was interrupted, unless told to (``restart``)."""
         last = self.ckpt / "last"
-        recover(last)
+        for name in ("last", "best"):
+            recover(self.ckpt / name)
         if self.resume or not (last / STATE_FILE).is_file():
             return
         if self.restart:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,7 +59,10 @@ class _Sink:
         elif self.out is not None:
             if self.out.exists():
                 raise FileExistsError(f"{self.out} exists; choose a new output path")
-            self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+            from ..files import clear_stale, temporary_path
+
+            clear_stale(self.out.parent)  # what killed runs left there
+            self.tmp = temporary_path(self.out, "zarr", keep_suffix=False)
             self.outputs = _zarr_outputs(self.tmp, specs)
         else:
             self.outputs = {name: np.zeros(s, d) for name, (s, d) in specs.items()}
