@@ -4,9 +4,9 @@ The base model makes a systematic error: the first default model
 (``brain-tissue-unet3d-v1``, trained on a brain-extracted template) labels scalp,
 skull and face as grey or white matter when the MNI152 brain sits in a synthetic head
 (``synthesis.held_out_scan``, a seed no training used). Each scenario runs what a
-user runs: ``iter_finetune`` with the defaults of ``napari-selfreg finetune`` (the
-corrected voxels found against the base prediction, the painting axis found from the
-corrections, the volume's affine), then segments the whole volume again.
+user runs: ``iter_finetune`` with the defaults of the Fine-tune widget (the corrected
+voxels are the edits of the layer Segment wrote, the painting axis is found from them,
+the volume's affine), then segments the whole volume again.
 
 * ``corrections``: 6 axial slices, spread over the extent of the errors, corrected
   (tissue outside the brain cleared, the brain's labels fixed); measure: tissue labelled
@@ -75,10 +75,18 @@ def untouched(shape, slices, axis=2) -> np.ndarray:
     return tuple(index)
 
 
-def run_finetune(base, image, labels, affine, out, **settings) -> tuple[Path, float]:
+def run_finetune(base, image, labels, affine, out, changed=None, **settings) -> tuple[Path, float]:
+    """Fine-tune as the widget does: ``changed`` is what the user edited (the widget keeps
+    the layer as Segment wrote it); None makes the fine-tune predict the volume again."""
     t0 = time.perf_counter()
-    path = drain(iter_finetune(base, image, labels, None, FinetuneConfig(**settings), out, affine=affine))  # fmt: skip
+    path = drain(iter_finetune(base, image, labels, changed, FinetuneConfig(**settings), out, affine=affine))  # fmt: skip
     return path, time.perf_counter() - t0
+
+
+def steps(model) -> dict:
+    """Optimiser steps and training seconds of a fine-tuned model, from its card."""
+    training = load_model(model).card.training
+    return {"steps": training.get("iterations_done"), "train_seconds": training.get("seconds")}
 
 
 def outside_ml(pred, truth, region) -> float:
@@ -89,12 +97,12 @@ def scenario_corrections(image, truth, affine, base_pred, work) -> dict:
     slices = review_slices((truth > 0) | (base_pred > 0), 6)  # over the extent of the errors
     labels = base_pred.copy()
     labels[:, :, slices] = truth[:, :, slices]
-    new, seconds = run_finetune(BASE, image, labels, affine, work / "corr")
+    new, seconds = run_finetune(BASE, image, labels, affine, work / "corr", labels != base_pred)
     pred = segment(new, image, affine)
     region = untouched(truth.shape, slices)
     before, after = outside_ml(base_pred, truth, region), outside_ml(pred, truth, region)
     return {
-        "slices": slices, "seconds": round(seconds, 1),
+        "slices": slices, "seconds": round(seconds, 1), **steps(new),
         "outside_ml_before": round(before, 1), "outside_ml_after": round(after, 1),
         "error_drop_pct": round(100 * (1 - after / max(before, 1e-9)), 1),
         "gm_wm_before": [round(dice(base_pred[region], truth[region], c), 4) for c in (1, 2)],
@@ -108,11 +116,11 @@ def scenario_new_class(image, truth, codes, affine, base_pred, work, **settings)
     target = np.where(extracerebral, 3, truth).astype(np.uint8)
     labels = base_pred.copy()
     labels[:, :, slices] = target[:, :, slices]
-    new, seconds = run_finetune(BASE, image, labels, affine, work / "newclass", extend_classes=True, new_class_names=["extracerebral"], **settings)  # fmt: skip
+    new, seconds = run_finetune(BASE, image, labels, affine, work / "newclass", labels != base_pred, extend_classes=True, new_class_names=["extracerebral"], **settings)  # fmt: skip
     pred = segment(new, image, affine)
     region = untouched(truth.shape, slices)
     return {
-        "slices": slices, "seconds": round(seconds, 1),
+        "slices": slices, "seconds": round(seconds, 1), **steps(new),
         "new_class_dice": round(dice(pred[region], target[region], 3), 4),
         "outside_ml_before": round(outside_ml(base_pred, truth, region), 1),
         "brain_tissue_outside_ml_after": round(float(((pred[region] == 1) | (pred[region] == 2))[truth[region] == 0].sum()) / 1000, 1),
@@ -154,7 +162,7 @@ def scenario_scribbles(base, work) -> dict:
     new, seconds = run_finetune(base, image, scribbles, affine, work / "scribbles", sparse=True)
     pred = segment(new, image, affine)
     return {
-        "base": base, "seconds": round(seconds, 1),
+        "base": base, "seconds": round(seconds, 1), **steps(new),
         "painted_pct": round(100 * float((scribbles > 0).mean()), 2),
         "gm_wm_before": [round(dice(base_pred, truth, c), 4) for c in (1, 2)],
         "gm_wm_after": [round(dice(pred, truth, c), 4) for c in (1, 2)],
@@ -168,7 +176,7 @@ def scenario_rounds(image, truth, affine, base_pred, work) -> dict:
     labels[:, :, first] = truth[:, :, first]
     reviewed: list[np.ndarray] = []
     t0 = time.perf_counter()
-    model1 = drain(iter_finetune(BASE, image, labels, None, FinetuneConfig(), work / "round1", affine=affine, on_reviewed=reviewed.append))  # fmt: skip
+    model1 = drain(iter_finetune(BASE, image, labels, labels != base_pred, FinetuneConfig(), work / "round1", affine=affine, on_reviewed=reviewed.append))  # fmt: skip
     t1 = time.perf_counter() - t0
     pred1 = segment(model1, image, affine)
     labels2 = pred1.copy()
@@ -187,6 +195,35 @@ def scenario_rounds(image, truth, affine, base_pred, work) -> dict:
         "outside_ml": [round(outside_ml(p, truth, region), 1) for p in (base_pred, pred1, pred2)],
         "gm_wm": [[round(dice(p[region], truth[region], c), 4) for c in (1, 2)] for p in (base_pred, pred1, pred2)],
     }  # fmt: skip
+
+
+def measure(name: str, r: dict) -> tuple[str, str]:
+    """The scenario's measure and its target, as text."""
+    if name == "corrections":
+        return (
+            f"error {r['outside_ml_before']} -> {r['outside_ml_after']} ml (-{r['error_drop_pct']} %)",
+            "-90 %",
+        )
+    if name == "new class":
+        return f"Dice {r['new_class_dice']}", ">= 0.85"
+    if name == "scribbles":
+        return (
+            f"GM/WM {r['gm_wm_before']} -> {r['gm_wm_after']} ({r['painted_pct']} % painted)",
+            ">= 0.85",
+        )
+    return f"error {' -> '.join(map(str, r['outside_ml']))} ml", "round 2 <= round 1"
+
+
+def print_table(results: dict) -> None:
+    print(
+        f"{'scenario':<12} {'measure (untouched slices)':<58} {'target':<20} {'steps':>5} {'s':>7}"
+    )
+    for name, r in results.items():
+        text, target = measure(name, r)
+        seconds = (
+            r["seconds"] if isinstance(r["seconds"], float) else "+".join(map(str, r["seconds"]))
+        )
+        print(f"{name:<12} {text:<58} {target:<20} {str(r.get('steps', '')):>5} {seconds:>7}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name} ...", flush=True)
         results[name] = runs[name]()
         print(f"  {results[name]}", flush=True)
+    print_table(results)
     report = {"base": BASE, "seed": SEED, "defaults": FinetuneConfig().__dict__, "results": results, "machine": machine_info()}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))

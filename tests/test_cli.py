@@ -48,7 +48,7 @@ def test_segment_one_file(tiny_model, scan, tmp_path, capsys):
     assert np.array_equal(labels.affine, io.read_volume(scan).affine)
     assert f"wrote labels {out}" in stdout
     counts = np.bincount(labels.data.ravel(), minlength=3)
-    table = stdout[stdout.index("  class"):].splitlines()
+    table = stdout[stdout.index("  class") :].splitlines()
     assert table[0].split() == ["class", "voxels", "ml", "%", "of", "labelled"]
     for line, name, n in zip(table[1:], ["background", "outer", "inner"], counts, strict=True):
         assert line.split()[:3] == [name, str(n), f"{n * 6 / 1000:.2f}"]

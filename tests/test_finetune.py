@@ -19,6 +19,7 @@ from napari_selfreg.training import (
     train,
 )
 from napari_selfreg.training.finetune import (
+    NEW_CLASS_LOGIT_OFFSET,
     edit_axis,
     encoder_stages,
     extend_classes,
@@ -142,7 +143,7 @@ def test_unknown_label_values_need_a_remap_or_extension(tmp_path):
     assert len(card.class_colors) == 4
 
 
-def test_extend_classes_keeps_predictions_and_copies_background():
+def test_extend_classes_keeps_predictions_and_starts_new_classes_below_background():
     torch.manual_seed(0)
     net = models.build("unet3d", 1, 3, channels=(4, 8, 16)).eval()
     big = extend_classes(net, {"channels": [4, 8, 16]}, "unet3d", 5).eval()
@@ -150,7 +151,8 @@ def test_extend_classes_keeps_predictions_and_copies_background():
     with torch.no_grad():
         old, new = net(x), big(x)
     assert torch.allclose(new[:, :3], old, atol=1e-5)
-    assert torch.allclose(new[:, 3], old[:, 0], atol=1e-5)
+    for c in (3, 4):  # background's logit, lowered by the offset
+        assert torch.allclose(new[:, c], old[:, 0] - NEW_CLASS_LOGIT_OFFSET, atol=1e-4)
     assert torch.equal(new.argmax(1), old.argmax(1))
 
 

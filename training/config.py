@@ -216,8 +216,10 @@ class FinetuneConfig:
 
     Attributes:
         iterations: optimiser steps (a short schedule).
-        seconds_budget: stop after this much training time (None: no limit); with the
-            defaults a whole round (prediction, training, validation) takes about a minute.
+        seconds_budget: stop after this much training time (None: no limit), a cap: the
+            100 steps decide. A round with the defaults takes about a minute on 2 cores with
+            bf16 units (AMX), about ten on 2 cores without (fp32: 4-6 s a step); a round
+            cut to a few steps by a small budget learns little.
         lr: AdamW learning rate.
         poly_power: learning-rate decay ``(1 - t / iterations) ** poly_power``; 0 (the
             default) keeps it constant: with 100 steps, poly decay at 0.9 halved the
@@ -225,7 +227,8 @@ class FinetuneConfig:
         batch_size: patches per step.
         patch_size: None: the model card's patch size, capped at 64 (3D) / 256 (2D).
         lambda_scr: SelfReg SCR weight (0: off).
-        lambda_ifd: SelfReg IFD weight (0: off).
+        lambda_ifd: SelfReg IFD weight (0: off, the default: as published it makes the
+            channels of each block alike, docs/method.md; 0.015 in the paper).
         freeze: ``none``, ``encoder`` (stem to bottleneck) or ``stage:k`` (train
             encoder blocks from the k-th on, counting the stem as 0).
         corrected_weight: loss weight of corrected (or painted) voxels; other reviewed
@@ -238,7 +241,7 @@ class FinetuneConfig:
             marks background, 1.. the classes.
         background_value: the scribble value of background.
         extend_classes: add output channels for label values the model lacks
-            (initialised from background) instead of refusing them.
+            (initialised from background, a little below it) instead of refusing them.
         new_class_names: names of added classes, in order (default ``class N``).
         label_map: remap label values first, e.g. ``{4: 1}``.
         augment: random augmentation as in training.
@@ -249,13 +252,13 @@ class FinetuneConfig:
     """
 
     iterations: int = 100
-    seconds_budget: float | None = 45.0
+    seconds_budget: float | None = 600.0  # a cap: 100 steps take 45 s with bf16 units (AMX)
     lr: float = 1e-3
     poly_power: float = 0.0
     batch_size: int = 2
     patch_size: tuple[int, ...] | None = None
     lambda_scr: float = 0.015
-    lambda_ifd: float = 0.015
+    lambda_ifd: float = 0.0  # the published IFD collapses channels (docs/method.md)
     freeze: str = "none"
     corrected_weight: float = 3.0
     unreviewed_weight: float = 0.0

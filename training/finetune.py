@@ -35,13 +35,17 @@ from .datasets import Case, case_from_arrays, check_labels
 from .loop import Trainer
 from .setup import check_classes
 
+NEW_CLASS_LOGIT_OFFSET = 4.0  # a new class starts at e^-4 (1.8 %) of background's odds
+
 
 def extend_classes(network: nn.Module, card_options: dict[str, Any], arch: str, num_classes: int):
-    """A copy of ``network`` with ``num_classes`` outputs; new channels start as background.
+    """A copy of ``network`` with ``num_classes`` outputs; new channels start below background.
 
     Every tensor whose first axis is the old class count (the 1x1 head, auxiliary
-    heads) is grown by repeating its background row, so the extended model
-    predicts exactly what the old one did until it is trained.
+    heads) is grown by repeating its background row, and the new rows of the biases
+    are lowered by ``NEW_CLASS_LOGIT_OFFSET``: the extended model predicts exactly what
+    the old one did, and a new class starts at a small probability (not tied with
+    background, which made the first steps paint it over all of the background).
     """
     old = int(network.num_classes)
     options = {k: v for k, v in card_options.items() if k not in ("in_channels", "num_classes")}
@@ -57,6 +61,8 @@ def extend_classes(network: nn.Module, card_options: dict[str, Any], arch: str, 
             and prev.shape[1:] == value.shape[1:]
         ):
             extra = prev[:1].expand(num_classes - old, *prev.shape[1:])
+            if prev.dim() == 1:  # a bias
+                extra = extra - NEW_CLASS_LOGIT_OFFSET
             new_state[key] = torch.cat([prev, extra])
         else:
             raise TrainingError(
