@@ -92,13 +92,13 @@ def cases():
 
 def evaluate(model, volumes: dict) -> dict:
     predictor = Predictor(load_model(model))
-    results = {}
+    results, preds = {}, {}
     for name, (image, labels, affine) in volumes.items():
-        pred = np.asarray(predictor.segment(image, affine=affine).labels)
-        results[name] = scores(pred, labels, affine)
+        preds[name] = np.asarray(predictor.segment(image, affine=affine).labels)
+        results[name] = scores(preds[name], labels, affine)
         print(f"  {name}: {results[name]}", flush=True)
     image, labels, affine = volumes["head T1"]
-    reference = np.asarray(predictor.segment(image, affine=affine).labels)
+    reference = preds["head T1"]
     agree = {}
     for codes in ("PSL", "LIP", "ASR"):
         stored, stored_affine = stored_as(image, affine, codes)

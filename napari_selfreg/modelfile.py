@@ -250,7 +250,7 @@ def save_model(
         if store is not None and value.is_floating_point():
             value = value.to(store)
         tensors[key] = value.contiguous()
-    from .files import clear_stale, temporary_path
+    from .files import clear_stale, follow_umask, temporary_path
 
     clear_stale(target.parent)
     tmp = temporary_path(target, "model", keep_suffix=False)
@@ -264,6 +264,8 @@ def save_model(
             json.dump(card_data, fh, indent=2)
             fh.flush()
             os.fsync(fh.fileno())
+        for path in (tmp / WEIGHTS_FILE, tmp / CARD_FILE, tmp):  # safetensors writes 0600
+            follow_umask(path)
         os.rename(tmp, target)  # atomic; fails if target appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -65,6 +65,20 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert not bundle.network.training
 
 
+def test_model_files_follow_the_umask(tmp_path):
+    import os
+
+    card = _card()
+    old = os.umask(0o022)
+    try:
+        path = save_model(_trained_like(card), card, tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in path.iterdir()}
+    assert modes == {"model.json": oct(0o644), "model.safetensors": oct(0o644)}  # 0600 before
+    assert oct(path.stat().st_mode & 0o777) == oct(0o755)
+
+
 def test_loading_never_unpickles(tmp_path, monkeypatch):
     card = _card()
     path = save_model(_trained_like(card), card, tmp_path / "m")

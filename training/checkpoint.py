@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from napari_selfreg.files import temporary_path
+from napari_selfreg.files import follow_umask, temporary_path
 from napari_selfreg.modelfile import ModelCard, ModelFileError, load_model, save_model
 
 from .config import CheckpointError, TrainingError
@@ -123,6 +123,7 @@ def write_checkpoint(
         if optimizer is not None:
             tensors, meta = flatten_optimizer(optimizer.state_dict())
             save_file(tensors, str(tmp / OPTIMIZER_FILE))
+            follow_umask(tmp / OPTIMIZER_FILE)
             state = {**(state or {}), "optimizer": meta}
         if state is not None:
             with open(tmp / STATE_FILE, "w") as fh:
