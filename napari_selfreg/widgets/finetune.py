@@ -166,7 +166,9 @@ class FinetuneWidget(QWidget):
             spin.setSingleStep(0.005)
             spin.setValue(value)
         self.lambda_scr.setToolTip("SelfReg SCR weight (0: off); 0.015 in the paper")
-        self.lambda_ifd.setToolTip("SelfReg IFD weight (0: off); 0.015 in the paper, where it makes the channels of each block alike")
+        self.lambda_ifd.setToolTip(
+            "SelfReg IFD weight (0: off); 0.015 in the paper, where it makes the channels of each block alike"
+        )
         self.freeze = QComboBox()
         self.freeze.addItems(FREEZE)
         self.freeze.setToolTip(
