@@ -20,6 +20,17 @@ OUTPUT_TAGS = ("_labels", "_probabilities", "_uncertainty")
 USER_ERRORS = (ValueError, OSError, MemoryError)  # FileNotFound/FileExists are OSErrors
 
 
+def default_model_summary() -> str:
+    """What the bundled default model is for, from its card (the card says it once)."""
+    from .modelfile import DEFAULT_MODEL, ModelFileError, read_card, resolve_model_path
+
+    try:
+        card = read_card(resolve_model_path(None))
+    except ModelFileError as err:
+        return f"{DEFAULT_MODEL} ({err})"
+    return f"{card.name}, {card.description}".replace("%", "%%")  # argparse formats help
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with all subcommands."""
     from . import __version__
@@ -37,12 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="segment volumes (files or folders) into label maps",
         description="Segment volumes; one input -> OUTPUT file (.nii/.nii.gz), several "
         "inputs or a folder -> OUTPUT folder with <name>_labels.nii.gz per input. "
-        "The bundled default model, brain-tissue-unet3d, labels grey and white matter in "
-        "MRI of the head: T1-weighted best, T2- and PD-like contrasts too; with skull, face "
-        "and neck or brain-extracted; 1 mm voxels best, 2-3 mm and thick slices are "
-        "resampled to 1 mm; any stored orientation (the file's affine brings it to RAS). "
-        "It learned one anatomy (the MNI152 template) from synthetic scans: children, large "
-        "lesions, tumours, CT and non-brain images are outside what it knows.",
+        f"The default model: {default_model_summary()}",
     )
     seg.add_argument("inputs", nargs="+", metavar="INPUT", help="volume file, DICOM folder or folder of volumes")  # fmt: skip
     seg.add_argument("-o", "--output", required=True, help="output file (.nii.gz) or folder")

@@ -218,3 +218,13 @@ def test_a_minc2_file_segments(tiny_model, tmp_path, capsys):
     out = tmp_path / "minc_labels.nii.gz"
     code, stdout, _ = run(capsys, "segment", minc2, "-o", out, "--model", tiny_model, "--quiet")
     assert code == 0 and io.read_volume(out).shape == (10, 20, 20)
+
+
+def test_segment_help_says_what_the_default_model_expects_from_its_card(capsys):
+    from napari_selfreg.modelfile import read_card, resolve_model_path
+
+    card = read_card(resolve_model_path(None))
+    with pytest.raises(SystemExit):
+        cli.main(["segment", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"The default model: {card.name}, {' '.join(card.description.split())}" in help_text
