@@ -196,9 +196,10 @@ def main() -> None:
     print(f"wrote {path}: {predicted.name}, {segment.job.status.text()}")
 
     # ---------------------------------------------------------------- a correction + Fine-tune
-    # the "user" repaints a block of slices with the reference tissue labels
-    z0, z1 = 60, 80
-    block = (slice(None), slice(None), slice(z0, z1))
+    # the "user" repaints the axial slices around the one in view (display axis 0 is
+    # superior-inferior) with the reference tissue labels
+    here = int(viewer.dims.current_step[0])
+    block = (slice(here - 6, here + 6), slice(None), slice(None))
     predicted.data[block] = truth.data[block]
     predicted.refresh()
     predicted.events.paint(value=[])
