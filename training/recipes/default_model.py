@@ -18,6 +18,10 @@ Run (resumable; checkpoints in ``--workdir``)::
     python training/recipes/default_model.py --minutes 300 [--resume]
     python training/recipes/default_model.py --finish   # publish the best checkpoint
 
+Checkpoints live in the ignored ``.runs/``; a fresh checkout starts again from
+``--init``. What the last session reached is committed as a candidate (bf16 weights,
+not shipped): continue from it with ``--init training/results/default-model-candidate``.
+
 The published model goes to ``--out`` (default: the bundled folder; an existing one
 is replaced only with ``--replace``), weights in bfloat16, with ``benchmarks/results/
 default_model.json``; ``benchmarks/brain_model.py`` measures it on held-out scans.
@@ -94,7 +98,7 @@ def config(args) -> TrainConfig:
     )
 
 
-def publish(trained: Path, out: Path, minutes: float, command: str) -> dict:
+def publish(trained: Path, out: Path, minutes: float, command: str, init: str) -> dict:
     """Write the shipped model (bf16 weights, the card of a default model) to ``out``."""
     with tempfile.TemporaryDirectory() as tmp:
         bundle = load_model(trained)
@@ -108,7 +112,7 @@ def publish(trained: Path, out: Path, minutes: float, command: str) -> dict:
             "command": command,
             "wall_minutes": round(minutes, 1),
             "data_summary": "synthetic scans only (training/synthesis.py); see the recipe",
-            "init": "brain-tissue-unet3d-v1",
+            "init": init,
         }
         staged = save_model(bundle.network, card, Path(tmp) / DEFAULT_MODEL, dtype="bfloat16")
         if out.exists():
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     last = json.loads((checkpoint_dir(trained) / "last" / "trainer.json").read_text())
     minutes = float(last.get("seconds", 0.0)) / 60
-    report = publish(source, args.out, minutes, command)
+    report = publish(source, args.out, minutes, command, args.init)
     print(json.dumps(report, indent=2))
     return 0
 
