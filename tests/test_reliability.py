@@ -124,9 +124,15 @@ def test_bad_settings_are_refused_in_one_sentence(tmp_path, settings, message):
 
 def test_the_cli_names_resume_after_an_interrupt_and_handles_sigterm(folders, tmp_path):
     script = (
-        "import os, signal, sys, threading\n"
+        "import os, pathlib, signal, sys, threading, time\n"
         "from napari_selfreg.cli import main\n"
-        "threading.Timer(6.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()\n"
+        "def stop_after_a_checkpoint():  # whatever the load of the machine\n"
+        f"    last = pathlib.Path({str(tmp_path / 'M.checkpoints' / 'last')!r})\n"
+        "    end = time.time() + 240\n"
+        "    while not last.exists() and time.time() < end:\n"
+        "        time.sleep(0.2)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "threading.Thread(target=stop_after_a_checkpoint, daemon=True).start()\n"
         f"sys.exit(main({['train', '--images', str(folders / 'images'), '--labels', str(folders / 'labels'), '--out', str(tmp_path / 'M'), '--iterations', '100000', '--val-every', '2', '--patience', '0', *TINY]!r}))\n"
     )  # fmt: skip
     env = {**os.environ, "NAPARI_SELFREG_HOME": str(tmp_path / "home")}
