@@ -143,8 +143,7 @@ class FinetuneWidget(QWidget):
         self.brush.setToolTip("The label the brush paints in the labels layer")
         self.brush.activated.connect(self._set_brush)
         self.changed_line = QLabel("")
-        self.changed_line.setWordWrap(True)  # two lines, never squeezed by a full dock
-        self.changed_line.setMinimumHeight(2 * self.changed_line.fontMetrics().lineSpacing() + 4)
+        self.changed_line.setWordWrap(True)
         self.model_picker = ModelPicker()
         self.new_classes = QLineEdit()
         self.new_classes.setPlaceholderText("names of new label values, e.g. scalp, lesion")
