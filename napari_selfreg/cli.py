@@ -10,6 +10,7 @@ can cause print one line ``napari-selfreg: error: ...`` and exit with status 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
@@ -111,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    previous = handle_sigterm_like_ctrl_c()
     try:
-        return int(args.func(args) or 0)
+        with sigterm_like_ctrl_c():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -124,17 +125,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 2
-    finally:
-        if previous is not None:
-            import signal
-
-            signal.signal(signal.SIGTERM, previous)
 
 
-def handle_sigterm_like_ctrl_c():
-    """SIGTERM (a scheduler, ``kill``, torchrun) stops the command the way Ctrl-C does: the
-    running job is closed at its next step and removes its temporary files. Returns the
-    previous handler (None outside the main thread)."""
+@contextlib.contextmanager
+def sigterm_like_ctrl_c():
+    """Inside, SIGTERM (a scheduler, ``kill``, torchrun) stops the command the way Ctrl-C
+    does: the running job is closed at its next step and removes its temporary files. The
+    previous handler comes back on exit; outside the main thread nothing changes."""
     import signal
     import threading
 
@@ -142,8 +139,13 @@ def handle_sigterm_like_ctrl_c():
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, stop)
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def one_line(err: BaseException) -> str:

@@ -302,22 +302,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m napari_selfreg.training")
     add_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    from napari_selfreg.cli import handle_sigterm_like_ctrl_c
+    from napari_selfreg.cli import sigterm_like_ctrl_c
 
-    previous = handle_sigterm_like_ctrl_c()  # a scheduler's SIGTERM stops it like Ctrl-C
     try:
-        return int(args.func(args) or 0)
+        with sigterm_like_ctrl_c():  # a scheduler's SIGTERM stops it like Ctrl-C
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    finally:
-        if previous is not None:
-            import signal
-
-            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
