@@ -218,3 +218,21 @@ def test_scribbles_train_on_painted_voxels_only(qtbot, segmented, phantom):
     painted = int((scribbles.data != 0).sum())
     assert card.training["finetune"]["painted_voxels"] == painted
     assert card.training["finetune"]["sparse"] is True
+
+
+def test_a_full_dock_scrolls_instead_of_clipping_lines(qtbot, segmented, phantom):
+    viewer, segment, finetune, image, labels, messages = segmented
+    _correct(labels, phantom[1])
+    line = finetune.changed_line
+    assert "voxels corrected" in line.text()
+    window = viewer.window._qt_window
+    window.show()
+    window.resize(1000, 420)  # shorter than the docks' rows (the window stops at its minimum)
+    qtbot.waitUntil(window.isVisible, timeout=WAIT_MS)
+    qtbot.wait(200)
+    for widget in (segment, finetune):
+        rows = [w for w in widget.findChildren(type(line)) if w.isVisible() and w.text()]
+        assert rows
+        for row in rows:  # every line is as tall as its wrapped text needs
+            assert row.height() >= row.heightForWidth(row.width()), row.text()
+    assert line.height() >= line.heightForWidth(line.width()) > line.fontMetrics().height()

@@ -48,6 +48,9 @@ def env(make_napari_viewer, qtbot, tmp_path, monkeypatch, messages):
     qtbot.addWidget(widget)
     widget.model_picker.select(path)
     qtbot.waitUntil(lambda: widget.block_combo.count() > 0, timeout=60000)
+    # the default model the dock opened with loads too: let it finish, so that its
+    # "ready" comes before the test, not in the middle of it
+    qtbot.waitUntil(lambda: not widget._loaders, timeout=60000)
     yield viewer, widget, messages
     if widget.job.busy:
         widget.cancel()

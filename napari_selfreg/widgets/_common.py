@@ -54,10 +54,12 @@ from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
+    QFrame,
     QHBoxLayout,
     QLabel,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QVBoxLayout,
     QWidget,
 )
@@ -159,6 +161,21 @@ class LayerPicker(QComboBox):
         self.blockSignals(False)
         if self.layer() is not current:
             self.changed.emit()
+
+
+def scrolling_layout(dock: QWidget) -> QVBoxLayout:
+    """The layout for a dock's content, inside a vertical scroll area: a dock taller
+    than the window scrolls instead of squeezing (and clipping) wrapped lines."""
+    content = QWidget()
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setWidget(content)
+    outer = QVBoxLayout(dock)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(scroll)
+    return QVBoxLayout(content)
 
 
 def layer_transform(layer) -> dict[str, Any]:

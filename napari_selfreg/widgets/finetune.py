@@ -37,7 +37,6 @@ from qtpy.QtWidgets import (
     QListWidget,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -52,6 +51,7 @@ from ._common import (
     announce_model,
     labels_colormap,
     layer_transform,
+    scrolling_layout,
     unwrap,
     user_error,
 )
@@ -224,7 +224,7 @@ class FinetuneWidget(QWidget):
         form.addRow("Corrected weight", self.corrected_weight)
         form.addRow("Time limit", self.seconds)
         form.addRow("", self.augment)
-        box = QVBoxLayout(self)
+        box = scrolling_layout(self)
         box.addLayout(form)
         box.addWidget(self.run_button)
         box.addWidget(self.job)

@@ -8,6 +8,7 @@ matplotlib plots. torch is imported only inside the worker threads.
 
 from __future__ import annotations
 
+import threading
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,13 +23,12 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
 from .. import analysis
 from ..geometry import layer_ras_affine, world_matrix
-from ._common import JobPanel, LayerPicker, ModelPicker, user_error, warn
+from ._common import JobPanel, LayerPicker, ModelPicker, scrolling_layout, user_error, warn
 
 if TYPE_CHECKING:
     import napari
@@ -45,10 +45,15 @@ BAR_STATS = [
 ]
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 def _load_model(path: str):
+    """Worker body: one model load at a time (a model and a second model both load)."""
     from ..modelfile import load_model
 
-    return load_model(path)
+    with _LOAD_LOCK:
+        return load_model(path)
 
 
 def _inspect_job(bundles, data, block, **kwargs):
@@ -118,7 +123,7 @@ class InspectWidget(QWidget):
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(520)
 
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         layout.addLayout(form)
         layout.addWidget(self.run_button)
         layout.addWidget(self.job)
@@ -168,7 +173,9 @@ class InspectWidget(QWidget):
             return
         self._loaders.pop(path, None)
         self._bundles[path] = bundle
-        self.status.setText(f"model {bundle.card.name} ready")
+        # say so only if nothing newer was said (a job's outcome stays on the line)
+        if path in self._model_paths() and self.status.text().startswith("loading "):
+            self.status.setText(f"model {bundle.card.name} ready")
         self._refresh_blocks()
 
     def _on_load_failed(self, path, err):

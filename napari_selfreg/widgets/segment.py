@@ -27,7 +27,6 @@ from qtpy.QtWidgets import (
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -43,6 +42,7 @@ from ._common import (
     labels_colormap,
     layer_spacing,
     layer_transform,
+    scrolling_layout,
     unwrap,
     user_error,
 )
@@ -154,7 +154,7 @@ class SegmentWidget(QWidget):
         form.addRow("Tile", self.tile)
         form.addRow("Overlap", self.overlap)
         form.addRow("Extra output", self.extra)
-        box = QVBoxLayout(self)
+        box = scrolling_layout(self)
         box.addLayout(form)
         box.addWidget(self.run_button)
         box.addWidget(self.job)
