@@ -6,6 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
+from qtpy.QtCore import QPoint
+from qtpy.QtWidgets import QScrollBar, QWidget
 
 from napari_selfreg.modelfile import read_card
 from napari_selfreg.widgets.segment import PREDICTION_KEY
@@ -227,7 +229,7 @@ def test_a_full_dock_scrolls_instead_of_clipping_lines(qtbot, segmented, phantom
     assert "voxels corrected" in line.text()
     window = viewer.window._qt_window
     window.show()
-    window.resize(1000, 420)  # shorter than the docks' rows (the window stops at its minimum)
+    window.resize(1400, 420)  # shorter than the docks' rows (the window stops at its minimum)
     qtbot.waitUntil(window.isVisible, timeout=WAIT_MS)
     qtbot.wait(200)
     for widget in (segment, finetune):
@@ -235,4 +237,8 @@ def test_a_full_dock_scrolls_instead_of_clipping_lines(qtbot, segmented, phantom
         assert rows
         for row in rows:  # every line is as tall as its wrapped text needs
             assert row.height() >= row.heightForWidth(row.width()), row.text()
+        for part in widget.findChildren(QWidget):  # and nothing sticks out on the right
+            if part.isVisible() and not isinstance(part, QScrollBar):
+                right = part.mapTo(widget, QPoint(part.width(), 0)).x()
+                assert right <= widget.width(), (type(part).__name__, right, widget.width())
     assert line.height() >= line.heightForWidth(line.width()) > line.fontMetrics().height()

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils.notifications import notification_manager, show_error, show_warning
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import QEvent, QObject, QSize, Qt, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -163,14 +163,36 @@ class LayerPicker(QComboBox):
             self.changed.emit()
 
 
+class _VerticalScroll(QScrollArea):
+    """A scroll area that asks for its content's width (a plain one asks for little, so
+    the dock came out narrower than its rows); rows wrap to its width."""
+
+    def eventFilter(self, watched, event) -> bool:
+        if watched is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+            self.updateGeometry()  # the content's rows changed: ask for the new width,
+            if self.parentWidget() is not None:  # up to the dock around us
+                self.parentWidget().updateGeometry()
+        return super().eventFilter(watched, event)
+
+    def _width(self, content_width: int) -> int:
+        return content_width + self.verticalScrollBar().sizeHint().width()
+
+    def minimumSizeHint(self) -> QSize:
+        content = self.widget().minimumSizeHint()
+        return QSize(self._width(content.width()), super().minimumSizeHint().height())
+
+    def sizeHint(self) -> QSize:
+        content = self.widget().sizeHint()
+        return QSize(self._width(content.width()), content.height())
+
+
 def scrolling_layout(dock: QWidget) -> QVBoxLayout:
     """The layout for a dock's content, inside a vertical scroll area: a dock taller
     than the window scrolls instead of squeezing (and clipping) wrapped lines."""
     content = QWidget()
-    scroll = QScrollArea()
+    scroll = _VerticalScroll()
     scroll.setWidgetResizable(True)
     scroll.setFrameShape(QFrame.Shape.NoFrame)
-    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
     scroll.setWidget(content)
     outer = QVBoxLayout(dock)
     outer.setContentsMargins(0, 0, 0, 0)

@@ -232,7 +232,9 @@ class FinetuneWidget(QWidget):
         box.addWidget(self.result_line)
         box.addWidget(self.rounds)
         box.addWidget(self.segment_button)
-        box.addWidget(QLabel("Check next (least sure slices along the current view):"))
+        check_next = QLabel("Check next (least sure slices along the current view):")
+        check_next.setWordWrap(True)
+        box.addWidget(check_next)
         box.addWidget(self.next_slices)
         box.addStretch(1)
 
