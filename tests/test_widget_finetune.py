@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 from qtpy.QtCore import QPoint
-from qtpy.QtWidgets import QScrollBar, QWidget
+from qtpy.QtWidgets import QLabel, QScrollArea, QScrollBar, QWidget
 
 from napari_selfreg.modelfile import read_card
 from napari_selfreg.widgets.segment import PREDICTION_KEY
@@ -228,12 +228,15 @@ def test_a_full_dock_scrolls_instead_of_clipping_lines(qtbot, segmented, phantom
     line = finetune.changed_line
     assert "voxels corrected" in line.text()
     window = viewer.window._qt_window
+    window.tabifyDockWidget(segment.parent(), finetune.parent())  # one place, two tabs
     window.show()
     window.resize(1400, 420)  # shorter than the docks' rows (the window stops at its minimum)
     qtbot.waitUntil(window.isVisible, timeout=WAIT_MS)
-    qtbot.wait(200)
     for widget in (segment, finetune):
-        rows = [w for w in widget.findChildren(type(line)) if w.isVisible() and w.text()]
+        widget.parent().raise_()
+        qtbot.waitUntil(widget.isVisible, timeout=WAIT_MS)
+        qtbot.wait(200)
+        rows = [w for w in widget.findChildren(QLabel) if w.isVisible() and w.text()]
         assert rows
         for row in rows:  # every line is as tall as its wrapped text needs
             assert row.height() >= row.heightForWidth(row.width()), row.text()
@@ -241,4 +244,7 @@ def test_a_full_dock_scrolls_instead_of_clipping_lines(qtbot, segmented, phantom
             if part.isVisible() and not isinstance(part, QScrollBar):
                 right = part.mapTo(widget, QPoint(part.width(), 0)).x()
                 assert right <= widget.width(), (type(part).__name__, right, widget.width())
+        scroll = widget.findChild(QScrollArea)
+        assert scroll.verticalScrollBar().isVisible()  # the rows are taller than the window
+        assert not scroll.horizontalScrollBar().isVisible()
     assert line.height() >= line.heightForWidth(line.width()) > line.fontMetrics().height()

@@ -164,18 +164,30 @@ class LayerPicker(QComboBox):
 
 
 class _VerticalScroll(QScrollArea):
-    """A scroll area that asks for its content's width (a plain one asks for little, so
-    the dock came out narrower than its rows); rows wrap to its width."""
+    """A scroll area that asks for its content's width plus its scroll bar's (a plain
+    one asks for little, so the dock came out narrower than its rows)."""
+
+    def _changed(self) -> None:
+        self.updateGeometry()  # ask again, up to the dock around us
+        if self.parentWidget() is not None:
+            self.parentWidget().updateGeometry()
 
     def eventFilter(self, watched, event) -> bool:
         if watched is self.widget() and event.type() == QEvent.Type.LayoutRequest:
-            self.updateGeometry()  # the content's rows changed: ask for the new width,
-            if self.parentWidget() is not None:  # up to the dock around us
-                self.parentWidget().updateGeometry()
+            self._changed()  # the content's rows changed
         return super().eventFilter(watched, event)
 
+    def viewportEvent(self, event) -> bool:
+        if event.type() == QEvent.Type.Resize:
+            self._changed()  # the scroll bar came or went
+        return super().viewportEvent(event)
+
     def _width(self, content_width: int) -> int:
-        return content_width + self.verticalScrollBar().sizeHint().width()
+        bar = self.verticalScrollBar()
+        beside = bar.sizeHint().width() + 2 * self.frameWidth()
+        if bar.isVisible():  # what the styled bar and its margins really take
+            beside = max(beside, self.width() - self.viewport().width())
+        return content_width + beside
 
     def minimumSizeHint(self) -> QSize:
         content = self.widget().minimumSizeHint()
