@@ -84,6 +84,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=150)
     parser.add_argument("--models", type=Path, default=Path("/tmp/napari-selfreg-screenshots"))
+    parser.add_argument(
+        "--no-compare", action="store_true", help="leave inspect_compare.png (no training)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("NAPARI_SELFREG_HOME", str(args.models))
 
@@ -154,6 +157,8 @@ def main() -> None:
     viewer.screenshot(path=str(SHOTS / "inspect_channels.png"), canvas_only=True, flash=False)
     viewer.close()
     # 3. plain vs SelfReg, same data, seed and budget: channel similarity per block
+    if args.no_compare:
+        return
     viewer, widget = open_viewer(train_models(args.models, args.iterations), compare=True, mm=2)
     name = grad_cam_shot(viewer, widget, "inspect_compare.png")
     viewer.close()

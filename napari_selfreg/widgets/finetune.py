@@ -342,6 +342,8 @@ class FinetuneWidget(QWidget):
         if n and axis is not None:
             count = np.unique(np.nonzero(mask)[axis]).size
             planes = f" in {count} slice(s) along axis {axis}; those slices count as reviewed, the rest is unknown."  # fmt: skip
+        if not planes:
+            planes = "."
         self.changed_line.setText(f"{n:,} voxels corrected since the prediction{planes}{earlier}")
 
     def _class_names(self) -> list[str]:
