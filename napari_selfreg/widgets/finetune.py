@@ -338,12 +338,10 @@ class FinetuneWidget(QWidget):
             return
         n = int(mask.sum())
         axis = self.view_axis(layer)
-        planes = ""
+        planes = "."
         if n and axis is not None:
             count = np.unique(np.nonzero(mask)[axis]).size
             planes = f" in {count} slice(s) along axis {axis}; those slices count as reviewed, the rest is unknown."  # fmt: skip
-        if not planes:
-            planes = "."
         self.changed_line.setText(f"{n:,} voxels corrected since the prediction{planes}{earlier}")
 
     def _class_names(self) -> list[str]:
