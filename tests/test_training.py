@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -27,6 +28,7 @@ from napari_selfreg.training import (
 from napari_selfreg.training.augment import Augmenter
 from napari_selfreg.training.checkpoint import flatten_optimizer, unflatten_optimizer
 from napari_selfreg.training.datasets import PatchSampler, apply_split, make_split
+from napari_selfreg.training.loop import Trainer, poly_lr
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "selfreg_home")
 
@@ -379,3 +381,16 @@ def test_resume_from_a_folder_that_is_not_ours(tmp_path):
         drain(iter_train(tiny_config(), phantom_cases(2), out, resume=True))
     with pytest.raises(ModelFileError):
         load_model(last)
+
+
+def test_learning_rate_anneals_to_the_time_budget_when_asked():
+    def progress(**kw):
+        return lambda it, seconds: Trainer._progress(SimpleNamespace(config=tiny_config(**kw)), it, seconds)  # fmt: skip
+
+    by_steps = progress(iterations=100, max_seconds=60.0)
+    by_time = progress(iterations=100, max_seconds=60.0, anneal_to_budget=True)
+    assert by_steps(10, 45.0) == by_time(10, 0.0) == pytest.approx(0.1)
+    assert by_time(10, 45.0) == pytest.approx(0.75)  # time ends this run first
+    assert by_time(90, 6.0) == pytest.approx(0.9)  # the steps do
+    assert poly_lr(1e-3, 0.75, 1.0) == pytest.approx(2.5e-4)
+    assert poly_lr(1e-3, 1.5, 0.9) == 0.0

@@ -105,6 +105,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("--val-every", type=int, default=t.val_every, help="iterations between validations")  # fmt: skip
     tr.add_argument("--patience", type=int, default=t.patience, help="validations without gain before stopping (0: never)")  # fmt: skip
     tr.add_argument("--max-seconds", type=float, default=None, help="time budget")
+    tr.add_argument("--anneal-to-budget", action="store_true", help="the learning rate decays over --max-seconds when that ends the run before --iterations")  # fmt: skip
     tr.add_argument("--num-classes", type=int, default=None, help="classes incl. background")
     tr.add_argument("--class-names", default=None, help="comma-separated, background first")
     tr.add_argument("--label-map", default=None, help="remap labels, e.g. 10:1,20:2")
@@ -185,6 +186,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         batch_size=args.batch_size,
         iterations=args.iterations,
         max_seconds=args.max_seconds,
+        anneal_to_budget=args.anneal_to_budget,
         optimizer=args.optimizer,
         lr=args.lr,
         lambda_scr=lam_scr,

@@ -77,6 +77,9 @@ class TrainConfig:
         lr: initial learning rate; None: 1e-3 (AdamW) or 1e-2 (SGD).
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
         poly_power: ``lr_t = lr * (1 - t / iterations) ** poly_power``.
+        anneal_to_budget: the decay follows whichever runs out first, ``iterations``
+            or ``max_seconds`` (``t`` is then the larger share done), so a run cut by
+            its time budget still ends at a low learning rate.
         grad_clip: max gradient L2 norm; 0 switches clipping off.
         ce_weight: weight of cross-entropy in the segmentation loss.
         dice_weight: weight of soft Dice in the segmentation loss.
@@ -125,6 +128,7 @@ class TrainConfig:
     lr: float | None = None
     weight_decay: float = 1e-4
     poly_power: float = 0.9
+    anneal_to_budget: bool = False
     grad_clip: float = 12.0
     ce_weight: float = 0.5
     dice_weight: float = 0.5

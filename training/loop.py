@@ -71,9 +71,9 @@ def fit_name(out: Path, limit: int) -> Path:
     return out.with_name(name[: limit - len(keep)].rstrip("-. ") + keep)
 
 
-def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
-    """``base * (1 - iteration / total) ** power``."""
-    return base * (1 - min(iteration, total) / max(total, 1)) ** power
+def poly_lr(base: float, progress: float, power: float) -> float:
+    """``base * (1 - progress) ** power``, ``progress`` the share of the run done (0-1)."""
+    return base * (1 - min(max(progress, 0.0), 1.0)) ** power
 
 
 class Trainer(SetupMixin, CardMixin):
@@ -157,10 +157,23 @@ class Trainer(SetupMixin, CardMixin):
 
     # ------------------------------------------------------------- hooks
 
-    def train_step(self, iteration: int) -> dict[str, float]:
-        """One optimiser step; returns the loss terms averaged over processes."""
+    def _progress(self, iteration: int, elapsed: float) -> float:
+        """The schedule's clock: the share of iterations done, or with ``anneal_to_budget``
+        the larger of that and the share of ``max_seconds`` spent."""
         cfg = self.config
-        lr = poly_lr(cfg.learning_rate, iteration, cfg.iterations, cfg.poly_power)
+        done = iteration / max(cfg.iterations, 1)
+        if cfg.anneal_to_budget and cfg.max_seconds:
+            done = max(done, elapsed / cfg.max_seconds)
+        return done
+
+    def train_step(self, iteration: int, progress: float | None = None) -> dict[str, float]:
+        """One optimiser step; returns the loss terms averaged over processes.
+        ``progress``: the share of the run done (the schedule's clock); None:
+        ``iteration / iterations``."""
+        cfg = self.config
+        if progress is None:
+            progress = iteration / max(cfg.iterations, 1)
+        lr = poly_lr(cfg.learning_rate, progress, cfg.poly_power)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         image, labels, weight = (torch.from_numpy(a) for a in self.sampler.sample(cfg.batch_size))
@@ -264,15 +277,16 @@ class Trainer(SetupMixin, CardMixin):
         stop_reason = ""
         for it in range(start_it, total):
             elapsed = time.perf_counter() - clock
+            if ctx.enabled:  # every process must take the same decisions: one clock
+                elapsed = (
+                    float(ctx.all_reduce_sum(torch.tensor([elapsed])).item()) / ctx.world_size
+                )
             budget_hit = cfg.max_seconds is not None and elapsed >= cfg.max_seconds
-            if ctx.enabled:  # every process must take the same decision
-                flag = torch.tensor([float(budget_hit)])
-                budget_hit = bool(ctx.all_reduce_sum(flag).item() > 0)
             if budget_hit:
                 stop_reason = f"time budget of {cfg.max_seconds:g} s reached"
                 break
             try:
-                values = self.train_step(it)
+                values = self.train_step(it, self._progress(it, elapsed))
             except _NonFinite as bad:
                 yield from self._stop_non_finite(bad)
             self.state["iteration"] = it + 1

@@ -82,6 +82,7 @@ def config(args) -> TrainConfig:
         batch_size=2,
         iterations=args.iterations,
         max_seconds=args.minutes * 60,
+        anneal_to_budget=True,  # the session's time, not the step count, ends a run
         lr=args.lr,
         val_every=args.val_every,
         val_patches=24,
@@ -123,7 +124,7 @@ def publish(trained: Path, out: Path, minutes: float, command: str, init: str) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=8000)
+    parser.add_argument("--iterations", type=int, default=20000, help="step cap; the learning rate decays over --minutes or these, whichever ends first")  # fmt: skip
     parser.add_argument("--minutes", type=float, default=420.0, help="total training time cap")
     parser.add_argument("--patch", type=int, default=80)
     parser.add_argument("--lr", type=float, default=1e-3)
