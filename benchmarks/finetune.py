@@ -93,11 +93,11 @@ def outside_ml(pred, truth, region) -> float:
     return float(((pred[region] > 0) & (truth[region] == 0)).sum()) / 1000
 
 
-def scenario_corrections(image, truth, affine, base_pred, work) -> dict:
+def scenario_corrections(image, truth, affine, base_pred, work, **settings) -> dict:
     slices = review_slices((truth > 0) | (base_pred > 0), 6)  # over the extent of the errors
     labels = base_pred.copy()
     labels[:, :, slices] = truth[:, :, slices]
-    new, seconds = run_finetune(BASE, image, labels, affine, work / "corr", labels != base_pred)
+    new, seconds = run_finetune(BASE, image, labels, affine, work / "corr", labels != base_pred, **settings)  # fmt: skip
     pred = segment(new, image, affine)
     region = untouched(truth.shape, slices)
     before, after = outside_ml(base_pred, truth, region), outside_ml(pred, truth, region)
