@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=20000, help="step cap; the learning rate decays over --minutes or these, whichever ends first")  # fmt: skip
     parser.add_argument("--minutes", type=float, default=420.0, help="total training time cap")
-    parser.add_argument("--patch", type=int, default=80)
+    parser.add_argument("--patch", type=int, default=64, help="training patch (cube); the candidate's runs used 64")  # fmt: skip
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--val-every", type=int, default=200)
     parser.add_argument("--lambda-scr", type=float, default=0.015)
