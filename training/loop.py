@@ -157,12 +157,12 @@ class Trainer(SetupMixin, CardMixin):
 
     # ------------------------------------------------------------- hooks
 
-    def _progress(self, iteration: int, elapsed: float) -> float:
+    def _progress(self, iteration: int, elapsed: float | None = None) -> float:
         """The schedule's clock: the share of iterations done, or with ``anneal_to_budget``
-        the larger of that and the share of ``max_seconds`` spent."""
+        (and ``elapsed`` seconds given) the larger of that and the share of ``max_seconds``."""
         cfg = self.config
         done = iteration / max(cfg.iterations, 1)
-        if cfg.anneal_to_budget and cfg.max_seconds:
+        if cfg.anneal_to_budget and cfg.max_seconds and elapsed is not None:
             done = max(done, elapsed / cfg.max_seconds)
         return done
 
@@ -172,7 +172,7 @@ class Trainer(SetupMixin, CardMixin):
         ``iteration / iterations``."""
         cfg = self.config
         if progress is None:
-            progress = iteration / max(cfg.iterations, 1)
+            progress = self._progress(iteration)
         lr = poly_lr(cfg.learning_rate, progress, cfg.poly_power)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -450,7 +450,7 @@ class SyntheticPatches:
         heads: size of the pool of heads (built on first use, a few seconds each), or
             the head label maps to use (then the pool is never refreshed).
         refresh_every: patches after which one head of the pool is replaced (a head
-            takes about 9 s to make on one core, 40 patches' worth).
+            takes about 9 s to make on one core, as long as some 75 patches).
     """
 
     def __init__(
