@@ -272,6 +272,10 @@ def test_unet_odd_shapes_bf16_and_progress():
     assert events[0].stage == "prepare" and events[-1].stage == "finish"
     assert all(isinstance(e, Progress) for e in events)
     assert result.info["gflop"] > 0 and result.info["bn_folded"] == 10
+    stages = result.info["stages"]  # where the time went: every stage, adding up
+    assert set(stages) == {"prepare", "network setup", "read", "network", "stitch", "finish", "other"}  # fmt: skip
+    assert min(stages.values()) >= -0.01 and stages["network"] > 0
+    assert sum(stages.values()) == pytest.approx(result.info["seconds"], abs=0.01)
     fp32 = segment(image, net, tile=16, batch_size=3, device="cpu", precision="fp32")
     assert (fp32.labels == result.labels).mean() > 0.97
 

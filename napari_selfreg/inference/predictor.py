@@ -62,6 +62,8 @@ class RunState:
     batch: int
     fallbacks: list[str] = field(default_factory=list)
     seconds: float = 0.0  # time inside the network
+    read_seconds: float = 0.0  # slabs of the normalised input
+    stitch_seconds: float = 0.0  # weighting, accumulating, argmax of finished planes
 
 
 class Predictor:
@@ -230,16 +232,26 @@ class Predictor:
         with reuse_freed_memory():
             work = _Work(self, image, spacing, mask, streaming)
             sink = _Sink(self, work, out)
+            t_prepared = time.perf_counter()
             try:
                 info = yield from self._run(work, sink)
                 yield Progress(info["tiles"], info["tiles"], "finish", "writing the result")
+                t_tiled = time.perf_counter()
                 result = sink.finish()
             except BaseException:  # cancel (GeneratorExit) included: leave nothing behind
                 sink.abort()
                 raise
-        result.info = {**work.info, **info, "seconds": round(time.perf_counter() - t0, 3)}
         if turn is not None:
             result = self._restore_order(result, turn)
+        t_end = time.perf_counter()
+        stages = info.pop("stages")
+        stages["prepare"] = t_prepared - t0  # checks, reorientation, normalisation, resampling
+        stages["finish"] = t_end - t_tiled  # the last planes, resampling back, stored order
+        stages["other"] = t_end - t0 - sum(stages.values())  # fallbacks' lost passes, yields
+        result.info = {
+            **work.info, **result.info, **info, "seconds": round(t_end - t0, 3),
+            "stages": {k: round(v, 3) for k, v in stages.items()},
+        }  # fmt: skip
         if (
             self.slice_scores
             and result.uncertainty is not None
@@ -289,6 +301,9 @@ class Predictor:
         state = RunState(
             self.device, self.dtype, tile, self.batch_size or auto_batch(tile, self.device)
         )
+        t0 = time.perf_counter()
+        self.inference_network(state.device, state.dtype)  # copied and folded once
+        setup = time.perf_counter() - t0
         while True:
             done = yield from self._pass(work, sink, state)
             if done is not None:
@@ -308,6 +323,12 @@ class Predictor:
             "gflops_per_s": round(flops / 1e9 / net_s, 1) if net_s > 0 else None,
             "bn_folded": self._nets[f"{device}/{state.dtype}"][1],
             "fallbacks": state.fallbacks,
+            "stages": {
+                "network setup": setup,
+                "read": state.read_seconds,
+                "network": net_s,
+                "stitch": state.stitch_seconds,
+            },
         }
 
     def _pass(self, work: _Work, sink: _Sink, state: RunState):
@@ -321,12 +342,15 @@ class Predictor:
         min_tile = tuple(min(t, 16) for t in tile)
         step = int(getattr(self.network, "divisor", 16))
         sink.reset()
-        state.seconds, done = 0.0, 0
+        state.seconds = state.read_seconds = state.stitch_seconds = 0.0
+        done = 0
         for slab in self._slabs(rows, tile[0], work):
             lo, hi = slab[0], slab[-1] + tile[0]
             todo = [p for p in positions if lo <= p[0] <= slab[-1]]
+            t0 = time.perf_counter()
             x = work.read(lo, hi)  # (C, hi - lo, H, W) float32, normalised
             sink.start_slab(lo, hi)
+            state.read_seconds += time.perf_counter() - t0
             i = 0
             while i < len(todo):
                 chunk = todo[i : i + state.batch]
@@ -350,12 +374,16 @@ class Predictor:
                     if state.tile != tile:
                         return None
                     continue
+                t0 = time.perf_counter()
                 sink.add(chunk, logits, weight, tile)
+                state.stitch_seconds += time.perf_counter() - t0
                 i += len(chunk)
                 done += len(chunk)
                 yield Progress(done, len(positions), "tiles", self._expectation(state, done, len(positions), work))  # fmt: skip
             later = [r for r in rows if r > slab[-1]]
+            t0 = time.perf_counter()
             sink.emit(lo, later[0] if later else work.shape[0])
+            state.stitch_seconds += time.perf_counter() - t0
         return done
 
     def _expectation(self, state: RunState, done: int, total: int, work: _Work) -> str:
