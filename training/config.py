@@ -209,6 +209,9 @@ SCRIBBLE_BACKGROUND = 255
 """The label value that marks background in a scribble (sparse) labels layer."""
 
 
+BATCHNORM_STATISTICS = ("average", "ema")
+
+
 @dataclass
 class FinetuneConfig:
     """Settings of fine-tuning a model on a user's corrected labels or scribbles.
@@ -235,6 +238,11 @@ class FinetuneConfig:
             channels of each block alike, docs/method.md; 0.015 in the paper).
         freeze: ``none``, ``encoder`` (stem to bottleneck) or ``stage:k`` (train
             encoder blocks from the k-th on, counting the stem as 0).
+        batchnorm: the running statistics BatchNorm keeps for inference: ``average``
+            (the plain average over every batch of the fine-tuning) or ``ema`` (PyTorch's
+            exponential average, momentum 0.1: the last ten batches of two patches
+            decide them, a noisy estimate that left grey matter in the air and 254 ml
+            of brain labels outside the brain in ``benchmarks/finetune.py``).
         corrected_weight: loss weight of corrected (or painted) voxels; other reviewed
             voxels weigh 1.
         unreviewed_weight: loss weight of voxels nobody reviewed: 0 (the default) treats
@@ -264,6 +272,7 @@ class FinetuneConfig:
     lambda_scr: float = 0.015
     lambda_ifd: float = 0.0  # the published IFD collapses channels (docs/method.md)
     freeze: str = "none"
+    batchnorm: str = "average"
     corrected_weight: float = 3.0
     unreviewed_weight: float = 0.0
     focus_fraction: float = 0.5
@@ -283,6 +292,8 @@ class FinetuneConfig:
             self.patch_size = tuple(int(p) for p in self.patch_size)
         if self.freeze not in ("none", "encoder") and not self.freeze.startswith("stage:"):
             raise TrainingError(f"unknown freeze {self.freeze!r}; choose none, encoder or stage:K")
+        if self.batchnorm not in BATCHNORM_STATISTICS:
+            raise TrainingError(f"unknown batchnorm {self.batchnorm!r}; choose average or ema")
         if self.corrected_weight <= 0 or self.unreviewed_weight < 0:
             raise TrainingError(
                 "the corrected weight must be positive and the unreviewed weight not negative"

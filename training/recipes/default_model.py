@@ -116,9 +116,13 @@ def publish(trained: Path, out: Path, minutes: float, command: str, init: str) -
             "init": init,
         }
         staged = save_model(bundle.network, card, Path(tmp) / DEFAULT_MODEL, dtype="bfloat16")
+        new, old = out.with_name(f".{out.name}.new"), out.with_name(f".{out.name}.old")
+        shutil.rmtree(new, ignore_errors=True)
+        shutil.copytree(staged, new)  # next to ``out``: the swap below is two renames
         if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(staged, out)
+            out.rename(old)
+        new.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
     return {"model": str(out), "train_minutes": round(minutes, 1)}
 
 
