@@ -20,7 +20,6 @@ from napari_selfreg.training import (
 )
 from napari_selfreg.training.finetune import (
     NEW_CLASS_LOGIT_OFFSET,
-    average_batchnorm_statistics,
     edit_axis,
     encoder_stages,
     extend_classes,
@@ -181,30 +180,23 @@ def test_freeze_encoder_and_stages(tmp_path):
         finetune(base, image, labels, config=FinetuneConfig(iterations=1, freeze="stage:9"))
 
 
-def test_batchnorm_statistics_average_every_fine_tuning_batch(tmp_path):
-    bn = torch.nn.BatchNorm3d(2)
-    bn.running_mean.fill_(5.0)
-    bn.num_batches_tracked.fill_(1000)
-    average_batchnorm_statistics(bn)
-    batches = [torch.randn(2, 2, 4, 4, 4) + i for i in range(3)]
-    for x in batches:
-        bn(x)
-    means = torch.stack([x.mean(dim=(0, 2, 3, 4)) for x in batches])
-    assert torch.allclose(bn.running_mean, means.mean(0), atol=1e-5)  # not 5, not the last
-    # in a fine-tuning: "average" counts its own steps only, "ema" goes on from the base
+def test_batchnorm_statistics_are_estimated_anew_through_the_final_weights(tmp_path):
     bundle = load_model(tiny_base(tmp_path))
     for module in bundle.network.modules():
         if isinstance(module, torch.nn.BatchNorm3d):
             module.num_batches_tracked.fill_(50)  # a trained base's count
+            module.running_mean.fill_(7.0)
     base = save_model(bundle.network, bundle.card, tmp_path / "trained-base")
     image, labels = make_phantom((16, 16, 16), 3, seed=0)
-    counts = {}
-    for mode in ("average", "ema"):
-        cfg = FinetuneConfig(iterations=3, batchnorm=mode, precision="fp32")
-        state = load_model(finetune(base, image, labels, config=cfg, out=tmp_path / mode)).network.state_dict()  # fmt: skip
-        counts[mode] = {int(v) for k, v in state.items() if k.endswith("num_batches_tracked")}
-    # (the published model is the best of the 3 steps)
-    assert counts["average"] <= {1, 2, 3} and counts["ema"] <= {51, 52, 53}
+    states = {}
+    for mode in ("recompute", "ema"):
+        cfg = FinetuneConfig(iterations=3, batchnorm=mode, batchnorm_batches=4, precision="fp32")  # fmt: skip
+        states[mode] = load_model(finetune(base, image, labels, config=cfg, out=tmp_path / mode)).network.state_dict()  # fmt: skip
+    for key, value in states["recompute"].items():
+        if key.endswith("num_batches_tracked"):  # 4 batches averaged, nothing of the base left
+            assert int(value) == 4 and 51 <= int(states["ema"][key]) <= 53, key
+        elif key.endswith("running_mean"):  # ema: 0.9^3 of the base's 7 is left
+            assert torch.all(value.abs() < 3) and torch.all(states["ema"][key] > 4), key
     with pytest.raises(ValueError, match="unknown batchnorm"):
         FinetuneConfig(batchnorm="frozen")
 

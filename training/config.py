@@ -102,6 +102,10 @@ class TrainConfig:
         val_every: iterations between validations (and checkpoints).
         val_patches: fixed validation patches scored during training.
         patience: validations without improvement before stopping early (0: never).
+        batchnorm_batches: before the model is saved, its BatchNorm running statistics
+            are estimated anew as the plain average over this many training batches run
+            through the final weights (no gradient); 0 keeps the running averages of
+            training.
         seed: seed of weights, split, sampling, augmentation and SelfReg pairing.
         normalization: intensity normalisation stored in the card and applied to images.
         spacing: voxel spacing (mm) of the training data, recorded in the card: the
@@ -149,6 +153,7 @@ class TrainConfig:
     val_every: int = 50
     val_patches: int = 8
     patience: int = 10
+    batchnorm_batches: int = 0
     seed: int = 0
     normalization: dict[str, Any] = field(default_factory=lambda: {"method": "zscore"})
     spacing: list[float] | None = None
@@ -209,7 +214,7 @@ SCRIBBLE_BACKGROUND = 255
 """The label value that marks background in a scribble (sparse) labels layer."""
 
 
-BATCHNORM_STATISTICS = ("average", "ema")
+BATCHNORM_STATISTICS = ("recompute", "ema")
 
 
 @dataclass
@@ -238,11 +243,13 @@ class FinetuneConfig:
             channels of each block alike, docs/method.md; 0.015 in the paper).
         freeze: ``none``, ``encoder`` (stem to bottleneck) or ``stage:k`` (train
             encoder blocks from the k-th on, counting the stem as 0).
-        batchnorm: the running statistics BatchNorm keeps for inference: ``average``
-            (the plain average over every batch of the fine-tuning) or ``ema`` (PyTorch's
-            exponential average, momentum 0.1: the last ten batches of two patches
-            decide them, a noisy estimate that left grey matter in the air and 254 ml
-            of brain labels outside the brain in ``benchmarks/finetune.py``).
+        batchnorm: the running statistics BatchNorm keeps for inference: ``recompute``
+            (after training, the plain average over ``batchnorm_batches`` training
+            batches through the final weights) or ``ema`` (PyTorch's exponential
+            average during training, momentum 0.1: the last ten batches of two patches
+            decide it, a noisy estimate that left grey matter in the air and 254 ml of
+            brain labels outside the brain in ``benchmarks/finetune.py``).
+        batchnorm_batches: batches of the ``recompute`` estimate.
         corrected_weight: loss weight of corrected (or painted) voxels; other reviewed
             voxels weigh 1.
         unreviewed_weight: loss weight of voxels nobody reviewed: 0 (the default) treats
@@ -272,7 +279,8 @@ class FinetuneConfig:
     lambda_scr: float = 0.015
     lambda_ifd: float = 0.0  # the published IFD collapses channels (docs/method.md)
     freeze: str = "none"
-    batchnorm: str = "average"
+    batchnorm: str = "recompute"
+    batchnorm_batches: int = 25
     corrected_weight: float = 3.0
     unreviewed_weight: float = 0.0
     focus_fraction: float = 0.5
@@ -293,7 +301,9 @@ class FinetuneConfig:
         if self.freeze not in ("none", "encoder") and not self.freeze.startswith("stage:"):
             raise TrainingError(f"unknown freeze {self.freeze!r}; choose none, encoder or stage:K")
         if self.batchnorm not in BATCHNORM_STATISTICS:
-            raise TrainingError(f"unknown batchnorm {self.batchnorm!r}; choose average or ema")
+            raise TrainingError(f"unknown batchnorm {self.batchnorm!r}; choose recompute or ema")
+        if self.batchnorm_batches < 1:
+            raise TrainingError("batchnorm_batches must be at least 1")
         if self.corrected_weight <= 0 or self.unreviewed_weight < 0:
             raise TrainingError(
                 "the corrected weight must be positive and the unreviewed weight not negative"

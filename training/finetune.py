@@ -157,20 +157,6 @@ def freezer(freeze: str, patch_size: tuple[int, ...]) -> Callable[[nn.Module], N
     return configure
 
 
-def average_batchnorm_statistics(network: nn.Module) -> None:
-    """BatchNorm running statistics become the plain average over the batches to come
-    (momentum None, count restarted), instead of an exponential average of the last few;
-    frozen layers (no trainable parameter) keep theirs."""
-    for module in network.modules():
-        if (
-            isinstance(module, nn.modules.batchnorm._BatchNorm)
-            and module.track_running_stats
-            and any(p.requires_grad for p in module.parameters(recurse=False))
-        ):
-            module.momentum = None
-            module.num_batches_tracked.zero_()
-
-
 def _use_running_statistics(module: nn.Module, _inputs) -> None:
     """Forward pre-hook of a frozen BatchNorm: evaluation mode whatever ``train()`` set."""
     module.training = False
@@ -412,14 +398,6 @@ def iter_finetune(
         patch = (int(size),) * 3 if isinstance(size, int) else tuple(int(s) for s in size)
     # a small input suffices to trace which parameters each encoder stage uses
     probe = patch if "img_size" in card.options else tuple(min(p, 32) for p in patch)
-    freeze = freezer(cfg.freeze, probe)
-
-    def configure(net: nn.Module) -> None:
-        if freeze is not None:
-            freeze(net)
-        if cfg.batchnorm == "average":
-            average_batchnorm_statistics(net)
-
     n_changed, n_reviewed = int(changed.sum()), int(region.sum())
     what = "painted" if cfg.sparse else "corrected"
     train_cfg = TrainConfig(
@@ -445,6 +423,7 @@ def iter_finetune(
         val_fraction=0.0,
         val_every=max(1, cfg.iterations // 5),
         patience=0,
+        batchnorm_batches=cfg.batchnorm_batches if cfg.batchnorm == "recompute" else 0,
         seed=cfg.seed,
         normalization=card.normalization,
         description=f"{card.description} Fine-tuned on {n_changed} {what} voxels ({n_reviewed} reviewed).".strip(),
@@ -467,7 +446,7 @@ def iter_finetune(
         base_card=base_card,
         parent=str(bundle.path) if bundle.path is not None else card.name,
         checkpoints=work,
-        configure=configure,
+        configure=freezer(cfg.freeze, probe),
         new_version=True,
         extra_training={"finetune": record},
         validation_cases=[reviewed_case(case, grid["reviewed"])],

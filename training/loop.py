@@ -396,6 +396,8 @@ class Trainer(SetupMixin, CardMixin):
         result: dict[str, Any] = {}
         path = self.out
         if self.dist.is_main:
+            if self.config.batchnorm_batches:
+                self._estimate_batchnorm(net, self.config.batchnorm_batches)
             result = self._whole_volume_metrics(net)
             card = self.make_card(result)
             from safetensors import SafetensorError  # a full disk, like OSError
@@ -415,6 +417,40 @@ class Trainer(SetupMixin, CardMixin):
                 ) from err
         path = Path(self.dist.broadcast_object(str(path)))
         return path, result.get("dice", {})
+
+    def _estimate_batchnorm(self, net: nn.Module, batches: int) -> None:
+        """BatchNorm running statistics of ``net`` := the plain average over ``batches``
+        training batches through its final weights (the rest of the network in eval mode,
+        no gradient); frozen layers (no trainable parameter) keep theirs."""
+        trained = {  # by name: ``net`` may be a reloaded checkpoint, all of it trainable
+            name
+            for name, m in models.deploy(self.net).named_modules()
+            if any(p.requires_grad for p in m.parameters(recurse=False))
+        }
+        norms = [
+            m
+            for name, m in net.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats
+            and name in trained
+        ]
+        if not norms:
+            return
+        net.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average
+            m.train()
+        with torch.no_grad():
+            for _ in range(batches):
+                image, labels, weight = (torch.from_numpy(a) for a in self.sampler.sample(self.config.batch_size))  # fmt: skip
+                if self.augment is not None:
+                    image, labels, weight = self.augment(image, labels, weight)
+                with autocast(self.device, self.amp):
+                    net(self._to_device(image, image=True))
+        for m in norms:
+            m.momentum = 0.1
+            m.eval()
 
 
 class _NonFinite(Exception):
