@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 PROG = "napari-selfreg"
@@ -30,6 +31,20 @@ def default_model_summary() -> str:
     except ModelFileError as err:
         return f"{DEFAULT_MODEL} ({err})"
     return f"{card.name}, {card.description}".replace("%", "%%")  # argparse formats help
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help layout, without line breaks at hyphens: model names such as
+    ``brain-tissue-unet3d-v1`` stay whole, so they can be copied from the help."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        return textwrap.fill(
+            " ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+            break_on_hyphens=False,
+        )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment volumes; one input -> OUTPUT file (.nii/.nii.gz), several "
         "inputs or a folder -> OUTPUT folder with <name>_labels.nii.gz per input. "
         f"The default model: {default_model_summary()}",
+        formatter_class=HelpFormatter,
     )
     seg.add_argument("inputs", nargs="+", metavar="INPUT", help="volume file, DICOM folder or folder of volumes")  # fmt: skip
     seg.add_argument("-o", "--output", required=True, help="output file (.nii.gz) or folder")

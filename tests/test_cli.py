@@ -228,3 +228,4 @@ def test_segment_help_says_what_the_default_model_expects_from_its_card(capsys):
         cli.main(["segment", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert f"The default model: {card.name}, {' '.join(card.description.split())}" in help_text
+    assert "brain-tissue-unet3d-v1" in help_text  # no line break inside a model name
