@@ -17,7 +17,7 @@ from typing import Any
 
 from napari_selfreg.jobs import ProgressPrinter, drain
 
-from .config import PRESETS, FinetuneConfig, TrainConfig, TrainingError
+from .config import BATCHNORM_STATISTICS, PRESETS, FinetuneConfig, TrainConfig, TrainingError
 
 
 def _label_map(text: str | None) -> dict[int, int] | None:
@@ -141,7 +141,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     ft.add_argument("--seconds", type=float, default=d.seconds_budget, help=f"training time budget in seconds, 0 for none (default {d.seconds_budget:g})")  # fmt: skip
     ft.add_argument("--lr", type=float, default=d.lr)
     ft.add_argument("--freeze", default=d.freeze, help="none, encoder or stage:K")
-    ft.add_argument("--batchnorm", default=d.batchnorm, choices=["recompute", "ema"], help=f"BatchNorm running statistics: estimated anew through the final weights, or PyTorch's exponential average during training (default {d.batchnorm})")  # fmt: skip
+    ft.add_argument("--batchnorm", default=d.batchnorm, choices=BATCHNORM_STATISTICS, help=f"BatchNorm running statistics: estimated anew through the final weights, or PyTorch's exponential average during training (default {d.batchnorm})")  # fmt: skip
     ft.add_argument("--corrected-weight", type=float, default=d.corrected_weight, help=f"loss weight of corrected voxels (other reviewed voxels 1; default {d.corrected_weight:g})")  # fmt: skip
     ft.add_argument("--unreviewed-weight", type=float, default=d.unreviewed_weight, help="loss weight of voxels nobody reviewed (default 0: unknown)")  # fmt: skip
     ft.add_argument("--lambda-scr", type=float, default=d.lambda_scr)

@@ -166,6 +166,15 @@ class Trainer(SetupMixin, CardMixin):
             done = max(done, elapsed / cfg.max_seconds)
         return done
 
+    def _training_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch of training patches (augmented), labels and loss weights on the device."""
+        image, labels, weight = (
+            torch.from_numpy(a) for a in self.sampler.sample(self.config.batch_size)
+        )
+        if self.augment is not None:
+            image, labels, weight = self.augment(image, labels, weight)
+        return self._to_device(image, image=True), self._to_device(labels), self._to_device(weight)
+
     def train_step(self, iteration: int, progress: float | None = None) -> dict[str, float]:
         """One optimiser step; returns the loss terms averaged over processes.
         ``progress``: the share of the run done (the schedule's clock); None:
@@ -176,11 +185,7 @@ class Trainer(SetupMixin, CardMixin):
         lr = poly_lr(cfg.learning_rate, progress, cfg.poly_power)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        image, labels, weight = (torch.from_numpy(a) for a in self.sampler.sample(cfg.batch_size))
-        if self.augment is not None:
-            image, labels, weight = self.augment(image, labels, weight)
-        x = self._to_device(image, image=True)
-        y, w = self._to_device(labels), self._to_device(weight)
+        x, y, w = self._training_batch()
         with autocast(self.device, self.amp):
             logits, features, extra = self.step_module(x, y)
         total, parts = self.loss(logits, features, y, w)
@@ -436,6 +441,7 @@ class Trainer(SetupMixin, CardMixin):
         ]
         if not norms:
             return
+        momenta = [m.momentum for m in norms]
         net.eval()
         for m in norms:
             m.reset_running_stats()
@@ -443,13 +449,11 @@ class Trainer(SetupMixin, CardMixin):
             m.train()
         with torch.no_grad():
             for _ in range(batches):
-                image, labels, weight = (torch.from_numpy(a) for a in self.sampler.sample(self.config.batch_size))  # fmt: skip
-                if self.augment is not None:
-                    image, labels, weight = self.augment(image, labels, weight)
+                x = self._training_batch()[0]
                 with autocast(self.device, self.amp):
-                    net(self._to_device(image, image=True))
-        for m in norms:
-            m.momentum = 0.1
+                    net(x)
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
             m.eval()
 
 
