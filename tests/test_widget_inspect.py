@@ -68,13 +68,16 @@ def _wait_done(qtbot, widget):
 
 
 def _slow_stats(monkeypatch, seconds=0.3):
-    block_stats = analysis.block_stats
+    """Each block's statistics take ``seconds`` longer (patched where the job calls them)."""
+    from napari_selfreg.analysis import inspection
+
+    block_stats = inspection.block_stats
 
     def slow(*args, **kwargs):
         time.sleep(seconds)
         return block_stats(*args, **kwargs)
 
-    monkeypatch.setattr(analysis, "block_stats", slow)
+    monkeypatch.setattr(inspection, "block_stats", slow)
 
 
 def test_no_image_layer_and_broken_model_are_clear_errors(env, qtbot, tmp_path):
