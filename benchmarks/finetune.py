@@ -131,15 +131,16 @@ def scenario_new_class(base, image, truth, codes, affine, base_pred, work, **set
     }  # fmt: skip
 
 
-def scribbles_for(truth: np.ndarray, rng: np.random.Generator, share: float = 0.015):
+def scribbles_for(truth: np.ndarray, rng: np.random.Generator, share: float = 0.015, margin: int = 1):  # fmt: skip
     """Strokes inside each class (background with value 255): short thick lines on
-    axial slices, about ``share`` of the voxels in all."""
+    axial slices, about ``share`` of the voxels in all, at least ``margin`` voxels inside
+    their class (1: a careful user paints up to the edge of the cortical ribbon)."""
     from scipy import ndimage
 
     scribbles = np.zeros(truth.shape, np.uint8)
     budget = int(share * truth.size)
     values = {0: 255, 1: 1, 2: 2}
-    inner = {c: ndimage.binary_erosion(truth == c, iterations=2) for c in values}
+    inner = {c: ndimage.binary_erosion(truth == c, iterations=margin) if margin else truth == c for c in values}  # fmt: skip
     per_class = budget // len(values)
     for c, value in values.items():
         points = np.argwhere(inner[c])

@@ -8,9 +8,11 @@ off-diagonal |cos| between channels and the effective rank on fixed test regions
 Data: a synthetic cohort made from ONE anatomy, the MNI152 template (its brain in
 procedural heads, random deformation, contrast, bias, noise and resolution:
 ``training/synthesis.py``), at 2 mm. Training subjects and test subjects come from
-different seeds; the test subjects also have another head geometry and a T2-like
-contrast (a domain shift). Setting ``synth2d``: the paper's 2D UNet depth (7 students,
-widths 32-256), trained slice-wise on axial slices. Arms:
+different seeds; the test subjects also have another head geometry (a domain shift;
+all subjects are T1-like: a model trained on 12 T1 subjects scores about 0.2 on T2-like
+ones, a floor that no arm could move). Setting ``synth2d``: the paper's 2D UNet depth (7 students,
+widths 32-256), trained slice-wise on 64 x 64 axial patches (batch 8, 600 steps by
+default: a test Dice of 0.863 at 300 steps, 0.88 at 1000, measured on one seed). Arms:
 
 * ``plain``; ``scr`` and ``ifd`` alone at 0.015; ``both_0.005``, ``both_0.015``,
   ``both_0.05`` (SCR and IFD at that weight); ``decor``: our decorrelation term at
@@ -99,7 +101,7 @@ if "unet2d_ds" not in models.available():
 
 def cohort(n_train: int, n_test: int, seed: int = 77):
     """Training and test subjects at 2 mm: ``[(image, labels)]`` each; cached on disk."""
-    cache = Path(tempfile.gettempdir()) / f"selfreg-repro-cohort-{n_train}-{n_test}-{seed}.npz"
+    cache = Path(tempfile.gettempdir()) / f"selfreg-repro-cohort-v2-{n_train}-{n_test}-{seed}.npz"
     if cache.is_file():
         z = np.load(cache)
         return ([(z[f"ti{i}"], z[f"tl{i}"]) for i in range(n_train)],
@@ -113,7 +115,7 @@ def cohort(n_train: int, n_test: int, seed: int = 77):
     gen = torch.Generator().manual_seed(seed)
     for kind, n, pool in (("t", n_train, heads), ("v", n_test, test_heads)):
         for i in range(n):
-            settings = S.SynthSettings(contrast=(1, 0, 0, 0) if kind == "t" else (0, 1, 0, 0), template=0.0, skull_stripped=0.0, thick_slices=0.0, low_resolution=0.0)  # fmt: skip
+            settings = S.SynthSettings(contrast=(1, 0, 0, 0), template=0.0, skull_stripped=0.0, thick_slices=0.0, low_resolution=0.0)  # fmt: skip
             subject = S.draw_subject(rng, settings, len(pool))
             image, labels, _ = S.render_volume(subject, pool[subject.head], gen)
             out[f"{kind}i{i}"] = resample(image, (1, 1, 1), 2.0, order=1)
@@ -122,12 +124,12 @@ def cohort(n_train: int, n_test: int, seed: int = 77):
     return cohort(n_train, n_test, seed)
 
 
-def config(arm: str, seed: int, iterations: int) -> TrainConfig:
+def config(arm: str, seed: int, iterations: int, patch: int = 64) -> TrainConfig:
     spec = dict(ARMS[arm])
     arch = spec.pop("arch", "unet2d")
     return TrainConfig(
         arch=arch, arch_options={"channels": CHANNELS, "norm": "batch", "upsample": "interp"},
-        num_classes=3, class_names=CLASSES, patch_size=(96, 96), batch_size=8,
+        num_classes=3, class_names=CLASSES, patch_size=(patch, patch), batch_size=8,
         iterations=iterations, lr=2e-3, val_fraction=0.0, val_every=max(1, iterations // 10),
         val_patches=16, patience=0, seed=seed, num_threads=1, slice_axis=2, **spec,
     )  # fmt: skip
@@ -137,22 +139,27 @@ def evaluate(model: Path, tests) -> tuple[float, dict, dict]:
     """Mean foreground Dice over the test subjects (pooled voxels), and per block the mean
     off-diagonal |cos| and effective rank on a fixed axial slice of each subject."""
     bundle = load_model(model)
-    predictor = Predictor(bundle, axis=2, overlap=0.25)
-    inter, total = np.zeros(3), np.zeros(3)
     cos: dict[str, list[float]] = {}
     rank: dict[str, list[float]] = {}
     for image, labels in tests:
-        pred = np.asarray(predictor.segment(image).labels)
-        for c in range(3):
-            inter[c] += ((pred == c) & (labels == c)).sum()
-            total[c] += (pred == c).sum() + (labels == c).sum()
         z = int(np.argmax((labels > 0).sum(axis=(0, 1))))
         fs = analysis.extract_features(bundle, image, (slice(None), slice(None), slice(z, z + 1)))
         for block, st in analysis.redundancy_stats(fs).items():
             cos.setdefault(block, []).append(st.mean_abs_cos)
             rank.setdefault(block, []).append(st.effective_rank)
-    dice = 2 * inter / np.maximum(total, 1)
-    return float(dice[1:].mean()), {b: float(np.mean(v)) for b, v in cos.items()}, {b: float(np.mean(v)) for b, v in rank.items()}  # fmt: skip
+    dice = foreground_dice(Predictor(bundle, axis=2, overlap=0.25), tests)
+    return dice, {b: float(np.mean(v)) for b, v in cos.items()}, {b: float(np.mean(v)) for b, v in rank.items()}  # fmt: skip
+
+
+def foreground_dice(predictor: Predictor, tests) -> float:
+    """Mean foreground Dice (grey and white matter) over the test subjects, voxels pooled."""
+    inter, total = np.zeros(3), np.zeros(3)
+    for image, labels in tests:
+        pred = np.asarray(predictor.segment(image).labels)
+        for c in range(3):
+            inter[c] += ((pred == c) & (labels == c)).sum()
+            total[c] += (pred == c).sum() + (labels == c).sum()
+    return float((2 * inter / np.maximum(total, 1))[1:].mean())
 
 
 def paired(results: dict, arm: str) -> tuple[float, float, int] | None:
@@ -216,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=600)
+    parser.add_argument(
+        "--patch", type=int, default=64, help="training patch (square, 2 mm voxels)"
+    )
     parser.add_argument("--minutes", type=float, default=150.0, help="stop starting runs after this")  # fmt: skip
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
     parser.add_argument(
@@ -228,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     data = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if "settings" not in data:
         data = {"endpoint": __doc__.split("Declared before running (the endpoint): ")[1].split("\n\n")[0], "settings": {}}  # fmt: skip
-    setting = data["settings"].setdefault("synth2d", {"arms": {}, "iterations": args.iterations, "note": "one anatomy (MNI152), synthetic subjects; test subjects: other heads, T2-like contrast"})  # fmt: skip
+    setting = data["settings"].setdefault("synth2d", {"arms": {}, "iterations": args.iterations, "note": "one anatomy (MNI152), synthetic subjects; test subjects: other heads and seeds, T1-like"})  # fmt: skip
     train_pairs, tests = cohort(*args.subjects)
     cases = [case_from_arrays(img, lab, name=f"s{i}") for i, (img, lab) in enumerate(train_pairs)]
     for seed in range(args.seeds):  # seed-major: every arm gets the same seeds first
@@ -240,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             with tempfile.TemporaryDirectory() as tmp:
                 curve: list[list[float]] = []
-                model = train(config(arm, seed, args.iterations), cases, Path(tmp) / "m",
+                model = train(config(arm, seed, args.iterations, args.patch), cases, Path(tmp) / "m",
                               callback=lambda e, c=curve: c.append([e.iteration, e.losses["total"]]) if e.stage == "iteration" and e.iteration % 20 == 0 else None)  # fmt: skip
                 dice, cos, rank = evaluate(model, tests)
             r["seeds"].append(seed)
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{arm} seed {seed}: Dice {dice:.4f} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)  # fmt: skip
     table = report(data)
     args.out.with_suffix(".md").write_text("# Reproduction v2\n\n" + data["endpoint"] + "\n\n" + table + "\n")  # fmt: skip
-    figure(data, ROOT / "docs" / "reproduction.png")
+    figure(data, ROOT / "docs" / "reproduction.png" if args.out == RESULTS else args.out.with_suffix(".png"))  # fmt: skip
     print(table)
     return 0
 
