@@ -21,6 +21,7 @@ class PredictorDefaults:
     device: str = "auto"
     precision: str = "auto"
     gaussian: bool = True
+    crop_to_nonzero: bool = True
 
 
 DEFAULTS = PredictorDefaults()

@@ -54,6 +54,21 @@ def test_segment_one_file(tiny_model, scan, tmp_path, capsys):
         assert line.split()[:3] == [name, str(n), f"{n * 6 / 1000:.2f}"]
 
 
+def test_segment_crops_to_the_nonzero_box_unless_told_not_to(tiny_model, tmp_path, capsys):
+    data = np.zeros((40, 24, 22), np.float32)  # a brain-extracted scan: zeros around
+    data[4:26] = np.random.default_rng(0).normal(100, 20, (22, 24, 22))
+    scan = io.write_volume(tmp_path / "stripped.nii.gz", data, affine=AFFINE)
+    labels = {}
+    for flag in ([], ["--no-crop"]):
+        out = tmp_path / f"seg{len(flag)}.nii.gz"
+        code, *_ = run(capsys, "segment", scan, "-o", out, "--model", tiny_model,
+                       "--tile", 16, 16, 16, "--quiet", *flag)  # fmt: skip
+        assert code == 0
+        labels[bool(flag)] = io.read_volume(out).data
+    assert (labels[False][26:] == 0).all() and (labels[False][:4] == 0).all()
+    assert labels[True].shape == labels[False].shape == data.shape
+
+
 def test_segment_folder_with_probabilities(tiny_model, scan, tmp_path, capsys):
     data = io.read_volume(scan).data
     io.write_volume(tmp_path / "second.nii", data[::-1].copy(), affine=AFFINE)

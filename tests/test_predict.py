@@ -338,6 +338,65 @@ def test_mask_skips_tiles_and_zeroes_labels():
     assert (masked1.labels[mask] == 1).all() and (masked1.labels[~mask] == 0).all()
 
 
+# ----------------------------------------------------------------------------- cropping
+
+
+def _in_a_zero_volume(shape, box, seed=0):
+    image = np.zeros(shape, np.float32)
+    inner = tuple(b.stop - b.start for b in box)
+    image[box] = np.random.default_rng(seed).normal(3, 2, inner).astype(np.float32)
+    return image
+
+
+@pytest.mark.parametrize("slab", [None, 20])
+def test_crop_to_nonzero_equals_segmenting_the_box(slab):
+    box = (slice(5, 30), slice(8, 34), slice(3, 27))
+    image = _in_a_zero_volume((40, 36, 44), box)
+    options = {"tile": 16, "overlap": 0.25, "device": "cpu", "precision": "fp32", "slab_size": slab,
+                   "probabilities": True, "uncertainty": True}  # fmt: skip
+    bundle = raw(tiny_unet())  # no normalisation: the box alone gives the same input
+    cropped = Predictor(bundle, **options).segment(image)
+    assert cropped.info["nonzero_box"] == [[5, 30], [8, 34], [3, 27]]
+    alone = Predictor(bundle, crop_to_nonzero=False, **options).segment(image[box])
+    assert np.array_equal(cropped.labels[box], alone.labels)
+    assert np.allclose(cropped.probabilities[(slice(None), *box)], alone.probabilities, atol=1e-6)
+    assert len(np.unique(alone.labels)) > 1
+    outside = np.ones(image.shape, bool)
+    outside[box] = False  # no tile there: background, certain
+    assert (cropped.labels[outside] == 0).all()
+    assert cropped.probabilities[0][outside].min() > 1 - 1e-6
+    assert cropped.uncertainty[outside].max() < 1e-6
+    full = Predictor(bundle, crop_to_nonzero=False, **options).segment(image)
+    assert full.info["nonzero_box"] is None and cropped.info["tiles"] < full.info["tiles"]
+
+
+@pytest.mark.parametrize(
+    ("model", "kw"),
+    [(Pointwise(), {"spacing": (1.0, 1.5, 2.0)}), (Pointwise(2), {"axis": 1})],
+    ids=["resampled", "2d-model"],
+)
+def test_crop_with_resampling_and_2d_models(model, kw):
+    box = (slice(4, 20), slice(10, 31), slice(2, 14))
+    x = _in_a_zero_volume((26, 33, 30), box, seed=1)
+    x[box] -= 3  # both classes inside the box
+    spacing = kw.pop("spacing", None)
+    bundle = raw(model, spacing=[2.0, 2.0, 2.0]) if spacing else raw(model)
+    options = dict(tile=8, device="cpu", precision="fp32", probabilities=True, **kw)
+    cropped = Predictor(bundle, **options).segment(x, spacing=spacing)
+    full = Predictor(bundle, crop_to_nonzero=False, **options).segment(x, spacing=spacing)
+    assert cropped.info["nonzero_box"] is not None and cropped.info["tiles"] < full.info["tiles"]
+    assert cropped.labels.shape == x.shape
+    assert np.array_equal(cropped.labels, full.labels)  # a pointwise model: tiles do not matter
+    assert np.allclose(cropped.probabilities[(slice(None), *box)], full.probabilities[(slice(None), *box)], atol=1e-5)  # fmt: skip
+    assert np.allclose(cropped.probabilities.sum(0), 1, atol=1e-5)
+
+
+def test_no_crop_for_a_volume_without_zeros_or_streamed(tmp_path):
+    x = ramp((20, 20, 20), 1, 2)
+    result = Predictor(raw(Pointwise()), tile=8, device="cpu").segment(x)
+    assert result.info["nonzero_box"] is None
+
+
 # ----------------------------------------------------------------------------- resampling
 
 

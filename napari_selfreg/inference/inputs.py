@@ -57,10 +57,13 @@ class _Work:
                 "streaming does not resample: resample the volume to the model spacing "
                 f"{list(card.spacing)} mm first, or segment it in memory"
             )
+        box = None  # the nonzero voxels' box, input grid
         if streaming:
             self.data, self.mask = data, mask
             self.stats = [self._stats(c, preprocess) for c in range(nc)]
         else:
+            if pred.crop_to_nonzero:
+                box = nonzero_box(data, nc)
             m = None if mask is None else np.asarray(mask).astype(bool)
             self.stats = [preprocess.normalization_stats(ch, self.spec, mask=m) for ch in _channels(data, nc)]  # fmt: skip
             arrays = [preprocess.apply_normalization(ch, st) for ch, st in zip(_channels(data, nc), self.stats, strict=True)]  # fmt: skip
@@ -74,13 +77,35 @@ class _Work:
         if self.axis:
             shape = (shape[self.axis], *(s for i, s in enumerate(shape) if i != self.axis))
         self.shape = shape if len(shape) == 3 else (1, *shape)
+        self.content = self._content_box(box)
         self.info = {
             "input_shape": list(spatial),
             "model_shape": list(self.model_shape),
             "resampled_to": list(self.target) if self.target else None,
             "streaming": streaming,
             "warnings": sorted({w for st in self.stats for w in st.warnings}),
+            "nonzero_box": None if self.content is None else [list(b) for b in self.content],
         }
+
+    def _content_box(self, box) -> list[tuple[int, int]] | None:
+        """The input-grid box in work voxels (one voxel of margin after resampling), or
+        None when it holds nearly the whole volume (cropping would save no tile)."""
+        if box is None:
+            return None
+        shape = self.model_shape
+        scale = [1.0] * len(shape)
+        if self.target is not None:
+            scale = [s / t for s, t in zip(self.spacing, self.target, strict=True)]
+        margin = 0 if self.target is None else 1
+        out = [
+            (max(0, int(np.floor(lo * k)) - margin), min(n, int(np.ceil(hi * k)) + margin))
+            for (lo, hi), k, n in zip(box, scale, shape, strict=True)
+        ]
+        if np.prod([hi - lo for lo, hi in out]) > CROP_SHARE * np.prod(shape):
+            return None
+        if self.axis:
+            out = [out[self.axis], *(b for i, b in enumerate(out) if i != self.axis)]
+        return out if len(out) == 3 else [(0, 1), *out]
 
     def _stats(self, c: int, preprocess):
         """Global statistics from the same strided subsample ``preprocess.normalize`` uses,
@@ -128,6 +153,23 @@ class _Work:
     def tile_has_mask(self, pos, tile) -> bool:
         m = self.read_mask(pos[0], pos[0] + tile[0])
         return bool(m[:, pos[1] : pos[1] + tile[1], pos[2] : pos[2] + tile[2]].any())
+
+
+CROP_SHARE = 0.9  # crop to the nonzero voxels' box when it holds at most this share
+
+
+def nonzero_box(data: np.ndarray, channels: int) -> list[tuple[int, int]] | None:
+    """``(lo, hi)`` per spatial axis of the box holding every nonzero voxel (any channel),
+    as nnU-Net crops; None for an image without a nonzero voxel."""
+    nonzero = (data != 0).any(axis=0) if channels > 1 else data != 0
+    box = []
+    for axis in range(nonzero.ndim):
+        other = tuple(a for a in range(nonzero.ndim) if a != axis)
+        index = np.flatnonzero(nonzero.any(axis=other))
+        if index.size == 0:
+            return None
+        box.append((int(index[0]), int(index[-1]) + 1))
+    return box
 
 
 def _channels(data, nc: int) -> list:

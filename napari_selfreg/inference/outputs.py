@@ -96,6 +96,13 @@ class _Sink:
     def emit(self, lo: int, hi: int) -> None:
         """Planes ``lo:hi`` are final: write labels (and probabilities / uncertainty)."""
         logits = self.acc[:, : hi - lo]
+        if self.work.content is not None or self.work.mask is not None:
+            empty = self.wsum[: hi - lo] == 0  # no tile (cropped or masked out): background
+            if empty.any():
+                fill = torch.zeros(self.k, 1, dtype=logits.dtype)
+                fill[0] = 30.0  # background, the others about 1e-13 each
+                logits[:, empty] = fill
+                self.wsum[: hi - lo][empty] = 1.0
         if self.work.target is not None or self.want_prob or self.want_unc:
             with torch.inference_mode():
                 # in place: these planes are final, nothing of them is carried on

@@ -89,6 +89,9 @@ class Predictor:
         slab_size: most planes along axis 0 held at once (default from a memory budget).
         fold_bn: fold BatchNorm into the convolutions.
         channels_last: channels-last memory format.
+        crop_to_nonzero: tile only the box holding the image's nonzero voxels (in-memory
+            volumes, as nnU-Net crops); outside it the labels are background. A
+            brain-extracted scan needs about half the tiles.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class Predictor:
         slab_size: int | None = None,
         fold_bn: bool = True,
         channels_last: bool = True,
+        crop_to_nonzero: bool = DEFAULTS.crop_to_nonzero,
     ):
         from ..modelfile import ModelBundle, load_model
 
@@ -139,6 +143,7 @@ class Predictor:
         self.uncertainty = self.keep_uncertainty or self.slice_scores  # computed by the sink
         self.slab_size = int(slab_size) if slab_size else None
         self.fold_bn, self.channels_last = bool(fold_bn), bool(channels_last)
+        self.crop_to_nonzero = bool(crop_to_nonzero)
         self._nets: dict[str, tuple[nn.Module, int]] = {}
         self._flops: dict[tuple, float] = {}
         self._told = False  # the CPU time expectation is said once
@@ -334,7 +339,7 @@ class Predictor:
     def _pass(self, work: _Work, sink: _Sink, state: RunState):
         """One pass over the volume; returns the tile count, or None to start over."""
         tile = state.tile
-        positions = tile_positions(work.shape, tile, self.overlap)
+        positions = tile_positions(work.shape, tile, self.overlap, work.content)
         rows = sorted({p[0] for p in positions})
         if work.mask is not None:
             positions = [p for p in positions if work.tile_has_mask(p, tile)]
@@ -344,6 +349,7 @@ class Predictor:
         sink.reset()
         state.seconds = state.read_seconds = state.stitch_seconds = 0.0
         done = 0
+        self._emit_background(sink, 0, rows[0], tile[0])  # planes before a cropped box
         for slab in self._slabs(rows, tile[0], work):
             lo, hi = slab[0], slab[-1] + tile[0]
             todo = [p for p in positions if lo <= p[0] <= slab[-1]]
@@ -382,9 +388,18 @@ class Predictor:
                 yield Progress(done, len(positions), "tiles", self._expectation(state, done, len(positions), work))  # fmt: skip
             later = [r for r in rows if r > slab[-1]]
             t0 = time.perf_counter()
-            sink.emit(lo, later[0] if later else work.shape[0])
+            sink.emit(lo, later[0] if later else hi)
             state.stitch_seconds += time.perf_counter() - t0
+        self._emit_background(sink, hi, work.shape[0], tile[0])  # planes after a cropped box
         return done
+
+    @staticmethod
+    def _emit_background(sink: _Sink, lo: int, hi: int, depth: int) -> None:
+        """Planes ``lo:hi`` that no tile reaches (outside the nonzero box): background,
+        written ``depth`` planes at a time."""
+        for start in range(lo, hi, depth):
+            sink.start_slab(start, min(hi, start + depth))
+            sink.emit(start, min(hi, start + depth))
 
     def _expectation(self, state: RunState, done: int, total: int, work: _Work) -> str:
         """Once per predictor, on a CPU, after the first tiles of a 3D run: a plain

@@ -20,11 +20,19 @@ def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
     return [int(round(i * step)) for i in range(n)]
 
 
-def tile_positions(shape: Sequence[int], tile: Sequence[int], overlap: float) -> list[tuple]:
-    """All tile corners for ``shape`` in z-major (C) order."""
-    return list(
-        itertools.product(*(tile_starts(s, t, overlap) for s, t in zip(shape, tile, strict=True)))
-    )
+def tile_positions(
+    shape: Sequence[int], tile: Sequence[int], overlap: float, box=None
+) -> list[tuple]:
+    """All tile corners for ``shape`` in z-major (C) order; with ``box`` (``(lo, hi)`` per
+    axis) only those covering the box, widened to at least a tile where it is thinner."""
+    starts = []
+    for axis, (s, t) in enumerate(zip(shape, tile, strict=True)):
+        lo, hi = (0, s) if box is None else (int(box[axis][0]), int(box[axis][1]))
+        if hi - lo < t:  # widen about the centre, inside the volume
+            lo = max(0, min(s - t, (lo + hi - t) // 2))
+            hi = min(s, lo + t)
+        starts.append([lo + p for p in tile_starts(hi - lo, t, overlap)])
+    return list(itertools.product(*starts))
 
 
 def gaussian_map(tile: Sequence[int], sigma_scale: float = 1 / 8) -> np.ndarray:
