@@ -86,7 +86,7 @@ class CardMixin:
         if self.state["best_iteration"] is not None:
             out["patch_dice"] = self.state.get("best_dice", {})
             out["patch_mean_dice"] = round(float(self.state["best_score"]), 5)
-        if self.val_cases:
+        if self.val_cases and self.config.volume_metrics:
             counts = segment_cases(
                 net,
                 self.make_card(),

@@ -101,6 +101,9 @@ class TrainConfig:
         val_fraction: share of cases held out for validation (one case: a slab of it).
         val_every: iterations between validations (and checkpoints).
         val_patches: fixed validation patches scored during training.
+        volume_metrics: after training, Dice of the saved model on the whole validation
+            cases through the predictor (one segmentation per case); False keeps the best
+            validation-patch Dice only (fine-tuning: the round's time).
         patience: validations without improvement before stopping early (0: never).
         batchnorm_batches: before the model is saved, its BatchNorm running statistics
             are estimated anew as the plain average over this many training batches run
@@ -152,6 +155,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     val_every: int = 50
     val_patches: int = 8
+    volume_metrics: bool = True
     patience: int = 10
     batchnorm_batches: int = 0
     seed: int = 0

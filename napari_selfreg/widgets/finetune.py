@@ -507,12 +507,13 @@ class FinetuneWidget(QWidget):
             labels.metadata[REVIEWED_KEY] = reviewed
             labels.metadata.pop(PAINT_SLICES_KEY, None)  # now part of the reviewed voxels
         card = read_card(self.new_model)
-        dice = card.metrics.get("dice") if card.metrics else None
+        metrics = card.metrics or {}
+        dice = metrics.get("dice") or metrics.get("patch_dice")  # fine-tuning: patches
         score = mean_foreground_dice(dice) if isinstance(dice, dict) else None
         parent = Path(card.parent).name if card.parent else "?"
         text = f"Saved {card.name} (fine-tuned from {parent})"
         if score is not None:
-            text += f", Dice {score:.3f} on the voxels you reviewed"
+            text += f", Dice {score:.3f} on the voxels you reviewed (sampled patches)"
         self.result_line.setText(text + ". Segment lists it now.")
         self.result_line.setToolTip(str(self.new_model))
         seconds = card.training.get("seconds")
