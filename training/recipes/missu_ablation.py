@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from reproduce_selfreg_v2 import ROOT, cohort, foreground_dice, paired
+from reproduce_selfreg_v2 import ROOT, cohort, foreground_dice, load_results, paired
 
 from napari_selfreg.inference import Predictor
 from napari_selfreg.modelfile import load_model
@@ -87,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    data = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    if "settings" not in data:
-        data = {"endpoint": __doc__.split("Declared before running (the endpoint): ")[1].split("\n\n")[0], "settings": {}}  # fmt: skip
+    data = load_results(args.out, __doc__)
     setting = data["settings"].setdefault("synth3d", {"arms": {}, "iterations": args.iterations, "patch": args.patch, "model": SMALL, "note": "one anatomy (MNI152), synthetic T1-like subjects at 2 mm; test subjects: other heads and seeds"})  # fmt: skip
     train_pairs, tests = cohort(*args.subjects)
     cases = [case_from_arrays(img, lab, name=f"s{i}") for i, (img, lab) in enumerate(train_pairs)]

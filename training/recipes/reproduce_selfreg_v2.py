@@ -178,6 +178,15 @@ def paired(results: dict, arm: str) -> tuple[float, float, int] | None:
     return float(d.mean()), half, len(d)
 
 
+def load_results(path: Path, doc: str) -> dict:
+    """The results so far (a rerun resumes), or new ones with the endpoint ``doc`` declares."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    if "settings" not in data:
+        endpoint = doc.split("Declared before running (the endpoint): ")[1].split("\n\n")[0]
+        data = {"endpoint": endpoint, "settings": {}}
+    return data
+
+
 def report(data: dict) -> str:
     lines = ["| setting | arm | seeds | mean fg Dice | difference vs plain (points, 95 % CI) | mean |cos| (bottleneck) | effective rank (bottleneck) |",  # fmt: skip
              "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -235,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    data = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    if "settings" not in data:
-        data = {"endpoint": __doc__.split("Declared before running (the endpoint): ")[1].split("\n\n")[0], "settings": {}}  # fmt: skip
+    data = load_results(args.out, __doc__)
     setting = data["settings"].setdefault("synth2d", {"arms": {}, "iterations": args.iterations, "note": "one anatomy (MNI152), synthetic subjects; test subjects: other heads and seeds, T1-like"})  # fmt: skip
     train_pairs, tests = cohort(*args.subjects)
     cases = [case_from_arrays(img, lab, name=f"s{i}") for i, (img, lab) in enumerate(train_pairs)]
