@@ -94,10 +94,11 @@ def test_finetune_on_a_few_corrected_slices_helps_the_untouched_ones(mislabellin
     validations = [e for e in events if e.kind == "validation"]
     assert [e.iteration for e in validations] == [6, 12, 18, 24, 30]
     assert validations[-1].dice["class 3"] > validations[0].dice["class 3"]
-    metrics = load_model(new).card.metrics  # the best validation of the reviewed patches
-    assert "dice" not in metrics  # no whole-volume segmentation: it costs the round's time
-    best = [e for e in validations if "(best)" in e.message][-1]
-    assert metrics["patch_dice"] == pytest.approx(best.dice, abs=1e-4)
+    card = load_model(new).card  # the last weights, measured on the reviewed patches
+    assert "dice" not in card.metrics  # no whole-volume segmentation: it costs the round's time
+    assert set(card.metrics["patch_dice"]) == set(card.class_names)
+    assert 0 < card.metrics["patch_mean_dice"] <= 1
+    assert card.training["iterations_done"] == 30
 
 
 def test_finetune_writes_a_new_version_and_leaves_the_base_alone(tmp_path):

@@ -81,9 +81,16 @@ class CardMixin:
         )
 
     def _whole_volume_metrics(self, net: nn.Module) -> dict[str, Any]:
-        """Best patch Dice, and Dice of ``net`` on whole validation cases (predictor)."""
+        """Patch Dice (the best validation's, or ``net``'s own when the last weights are
+        kept), and Dice of ``net`` on whole validation cases (predictor)."""
         out: dict[str, Any] = {}
-        if self.state["best_iteration"] is not None:
+        if self.config.keep == "last" and self.validation.patches:  # the saved weights' own
+            dice = metrics.dice_from_counts(
+                self.validation.counts(net, self.num_classes, self._to_device, self.amp)
+            )
+            out["patch_dice"] = metrics.named(dice, self.class_names)
+            out["patch_mean_dice"] = round(metrics.mean_foreground(dice), 5)
+        elif self.state["best_iteration"] is not None:
             out["patch_dice"] = self.state.get("best_dice", {})
             out["patch_mean_dice"] = round(float(self.state["best_score"]), 5)
         if self.val_cases and self.config.volume_metrics:

@@ -101,6 +101,10 @@ class TrainConfig:
         val_fraction: share of cases held out for validation (one case: a slab of it).
         val_every: iterations between validations (and checkpoints).
         val_patches: fixed validation patches scored during training.
+        keep: which weights are saved: ``best`` (the best validation's) or ``last`` (the
+            last step's; fine-tuning, whose validation runs with BatchNorm statistics
+            still moving, so its best was often an early step: a 6-slice new class was
+            saved from step 20 of 100).
         volume_metrics: after training, Dice of the saved model on the whole validation
             cases through the predictor (one segmentation per case); False keeps the best
             validation-patch Dice only (fine-tuning: the round's time).
@@ -155,6 +159,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     val_every: int = 50
     val_patches: int = 8
+    keep: str = "best"
     volume_metrics: bool = True
     patience: int = 10
     batchnorm_batches: int = 0
@@ -168,6 +173,8 @@ class TrainConfig:
     description: str = ""
 
     def __post_init__(self) -> None:
+        if self.keep not in ("best", "last"):
+            raise TrainingError(f"unknown keep {self.keep!r}; choose best or last")
         self.patch_size = tuple(int(p) for p in self.patch_size)
         if self.optimizer not in ("adamw", "sgd"):
             raise TrainingError(f"unknown optimizer {self.optimizer!r}; choose adamw or sgd")

@@ -512,6 +512,7 @@ def iter_finetune(
         augment=cfg.augment,
         val_fraction=0.0,
         val_every=max(1, cfg.iterations // 5),
+        keep="last",  # validation runs with BatchNorm statistics still moving
         volume_metrics=False,  # the patches' Dice is the round's measure; saves a segmentation
         patience=0,
         batchnorm_batches=cfg.batchnorm_batches if cfg.batchnorm == "recompute" else 0,

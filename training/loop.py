@@ -396,7 +396,8 @@ class Trainer(SetupMixin, CardMixin):
             self.extra_training["replica_weights_sha256"] = digests
         best = self.ckpt / "best"
         net = models.deploy(self.net)
-        if self.state["best_iteration"] is not None and (best / "model.json").is_file():
+        keep_best = self.config.keep == "best" and self.state["best_iteration"] is not None
+        if keep_best and (best / "model.json").is_file():
             net = load_model(best, device=str(self.device)).network
         result: dict[str, Any] = {}
         path = self.out
