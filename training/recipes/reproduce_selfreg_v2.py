@@ -25,6 +25,7 @@ last model is tested (no model selection). Learning curves are saved.
 Run (resumable: finished runs are kept in the JSON, a rerun skips them)::
 
     python training/recipes/reproduce_selfreg_v2.py --minutes 150 [--seeds 10]
+    python training/recipes/reproduce_selfreg_v2.py --report-only   # table + figure so far
 
 It writes ``training/results/reproduction.json`` (the schema of the issue:
 settings -> arms -> seeds, dice, mean_abs_cos, effective_rank per block),
@@ -241,10 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         "--subjects", type=int, nargs=2, default=(12, 6), metavar=("TRAIN", "TEST")
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--report-only", action="store_true", help="write the table and the figure of the runs so far")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
     data = load_results(args.out, __doc__)
+    if args.report_only:
+        args.seeds = 0
     setting = data["settings"].setdefault("synth2d", {"arms": {}, "iterations": args.iterations, "note": "one anatomy (MNI152), synthetic subjects; test subjects: other heads and seeds, T1-like"})  # fmt: skip
     train_pairs, tests = cohort(*args.subjects)
     cases = [case_from_arrays(img, lab, name=f"s{i}") for i, (img, lab) in enumerate(train_pairs)]
