@@ -394,3 +394,6 @@ def test_learning_rate_anneals_to_the_time_budget_when_asked():
     assert by_time(90, 6.0) == pytest.approx(0.9)  # the steps do
     assert poly_lr(1e-3, 0.75, 1.0) == pytest.approx(2.5e-4)
     assert poly_lr(1e-3, 1.5, 0.9) == 0.0
+    assert poly_lr(1e-3, 0.5, 0.0, cooldown=0.3) == pytest.approx(1e-3)  # before the cooldown
+    assert poly_lr(1e-3, 0.85, 0.0, cooldown=0.3) == pytest.approx(5e-4)  # halfway down
+    assert poly_lr(1e-3, 1.0, 0.0, cooldown=0.3) == 0.0

@@ -503,6 +503,7 @@ def iter_finetune(
         max_seconds=cfg.seconds_budget,
         lr=cfg.lr,
         poly_power=cfg.poly_power,
+        cooldown=cfg.cooldown,
         lambda_scr=cfg.lambda_scr,
         lambda_ifd=cfg.lambda_ifd,
         precision=cfg.precision,

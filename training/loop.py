@@ -71,9 +71,11 @@ def fit_name(out: Path, limit: int) -> Path:
     return out.with_name(name[: limit - len(keep)].rstrip("-. ") + keep)
 
 
-def poly_lr(base: float, progress: float, power: float) -> float:
-    """``base * (1 - progress) ** power``, ``progress`` the share of the run done (0-1)."""
-    return base * (1 - min(max(progress, 0.0), 1.0)) ** power
+def poly_lr(base: float, progress: float, power: float, cooldown: float = 0.0) -> float:
+    """``base * (1 - progress) ** power``, ``progress`` the share of the run done (0-1),
+    times a linear fall to 0 over the last ``cooldown`` share of the run (0: none)."""
+    left = 1 - min(max(progress, 0.0), 1.0)
+    return base * left**power * (min(1.0, left / cooldown) if cooldown > 0 else 1.0)
 
 
 class Trainer(SetupMixin, CardMixin):
@@ -182,7 +184,7 @@ class Trainer(SetupMixin, CardMixin):
         cfg = self.config
         if progress is None:
             progress = self._progress(iteration)
-        lr = poly_lr(cfg.learning_rate, progress, cfg.poly_power)
+        lr = poly_lr(cfg.learning_rate, progress, cfg.poly_power, cfg.cooldown)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y, w = self._training_batch()
