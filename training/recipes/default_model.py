@@ -20,7 +20,7 @@ Run (resumable; checkpoints in ``--workdir``)::
 
 Checkpoints live in the ignored ``.runs/``; a fresh checkout starts again from
 ``--init``. The shipped model is also committed as ``training/results/default-model-candidate``
-(bf16 weights, about 10 700 steps in all): continue from it with ``--init`` and that folder.
+(bf16 weights, about 15 200 steps in all): continue from it with ``--init`` and that folder.
 
 The published model goes to ``--out`` (default: the bundled folder; an existing one
 is replaced only with ``--replace``), weights in bfloat16, with ``benchmarks/results/
@@ -52,11 +52,11 @@ DESCRIPTION = (
     "RAS when the affine is known); other voxel sizes are resampled to 1 mm. Trained only "
     "on synthetic scans made from one anatomy (nilearn's MNI152 2009 template in "
     "procedural heads, random contrast, 1-5 mm, thick slices). Measured on held-out "
-    "synthetic heads (benchmarks/brain_model.py): T1 with skull GM/WM Dice 0.90/0.87 with "
-    "47 ml of tissue labelled outside the brain; 1 x 1 x 3 mm 0.86/0.85; 2 mm 0.86/0.81; "
-    "T2-like 0.79/0.70; PD-like 0.77/0.60 (white matter is its weakest); brain-extracted "
-    "1 mm T1 (the sample) 0.90/0.88, where the first model, brain-tissue-unet3d-v1, is "
-    "more accurate (0.93/0.92). Unusual anatomy (children, large lesions, tumours, "
+    "synthetic heads (benchmarks/brain_model.py): T1 with skull GM/WM Dice 0.92/0.90 with "
+    "6 ml of tissue labelled outside the brain; 1 x 1 x 3 mm 0.88/0.88; 2 mm 0.86/0.83; "
+    "T2-like 0.83/0.76; PD-like 0.82/0.71 (white matter is its weakest); brain-extracted "
+    "1 mm T1 (the sample) 0.92/0.90, where the first model, brain-tissue-unet3d-v1, is a "
+    "little more accurate (0.93/0.92). Unusual anatomy (children, large lesions, tumours, "
     "post-surgery), CT and non-brain images are outside what it learned; deep grey matter "
     "follows the template's tissue maps; the spinal cord is left as background."
 )
