@@ -209,19 +209,21 @@ def figure(data: dict, path: Path) -> None:
 
     setting = next(iter(data["settings"].values()))
     arms = [a for a in setting["arms"] if a != "plain"]
+    colors = {arm: f"C{i}" for i, arm in enumerate(setting["arms"])}  # one colour per arm
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for i, arm in enumerate(arms):
         d = paired(setting, arm)
         if d:
-            ax1.errorbar([i], [d[0]], yerr=[d[1]], fmt="o", capsize=4)
+            ax1.errorbar([i], [d[0]], yerr=[d[1]], fmt="o", capsize=4, color=colors[arm])
     ax1.axhline(0, color="grey", lw=0.8)
     ax1.set_xticks(range(len(arms)), arms, rotation=45, ha="right")
     ax1.set_ylabel("Dice difference vs plain (points, 95 % CI)")
     for arm, r in setting["arms"].items():
         blocks = list(r["mean_abs_cos"])
         ax2.plot(
-            range(len(blocks)), [np.mean(r["mean_abs_cos"][b]) for b in blocks], "o-", label=arm
-        )
+            range(len(blocks)), [np.mean(r["mean_abs_cos"][b]) for b in blocks], "o-", label=arm,
+            color=colors[arm],
+        )  # fmt: skip
     ax2.set_xticks(range(len(blocks)), blocks, rotation=45, ha="right")
     ax2.set_ylabel("mean off-diagonal |cos|")
     ax2.legend(fontsize=7)
