@@ -450,6 +450,14 @@ class PatchSampler:
             window[a] = (int(np.clip(start, lo, hi)), p)
         return window
 
+    def centred(self, case: Case, centre) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The patch centred on voxel ``centre`` (moved inside the case, padded where the
+        case is smaller): ``(image (C, *P), labels (*P), weight (*P))``, weight 0 outside."""
+        window = []
+        for c, p, s in zip(centre, self.patch_size, case.shape, strict=True):
+            window.append((max(0, min(s - p, int(c) - p // 2)), p))
+        return self._extract(case, window)
+
     def _extract(self, case: Case, window: list[tuple[int, int]]):
         size = [n for _, n in window]
         src, dst = [], []

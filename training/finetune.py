@@ -32,7 +32,7 @@ from napari_selfreg.jobs import drain
 from napari_selfreg.modelfile import DEFAULT_COLORS, ModelBundle, load_model, user_models_dir
 
 from .config import FinetuneConfig, LabelError, TrainConfig, TrainingError
-from .datasets import Case, case_from_arrays, check_labels
+from .datasets import Case, PatchSampler, case_from_arrays, check_labels
 from .loop import Trainer
 from .setup import check_classes
 
@@ -119,18 +119,15 @@ def probe_new_classes(
     was_training, home = network.training, next(network.parameters()).device
     device = device or torch.device("cpu")
     network.eval().to(device)
+    sampler = PatchSampler([case], patch, dims, rng=rng)
     feats, labels = [], []
     for centre in centres:
-        box = tuple(
-            slice(max(0, min(n - p, int(c) - p // 2)), max(0, min(n - p, int(c) - p // 2)) + p)
-            for c, p, n in zip(centre, patch, case.shape, strict=True)
-        )  # fmt: skip
-        x = torch.from_numpy(np.ascontiguousarray(case.image[(slice(None), *box)]))[None]
+        image, patch_labels, weight = (torch.from_numpy(a) for a in sampler.centred(case, centre))
         with torch.no_grad(), autocast(device, dtype):
-            final = network.forward_features(x.float().to(device))[1]["final"][0].float()
-        keep = torch.from_numpy(known[box]).to(device)
-        feats.append(final[:, keep])
-        labels.append(torch.from_numpy(case.labels[box][known[box]]).long().to(device))
+            final = network.forward_features(image[None].to(device))[1]["final"][0].float()
+        keep = weight > 0
+        feats.append(final[:, keep.to(device)])
+        labels.append(patch_labels[keep].to(device))
     network.train(was_training).to(home)
     f, y = torch.cat(feats, 1).T, torch.cat(labels)  # (N, C), (N,)
     weight = head.weight.detach().view(total, -1).float()
