@@ -159,11 +159,13 @@ def scribbles_for(truth: np.ndarray, rng: np.random.Generator, share: float = 0.
     return scribbles
 
 
-def scenario_scribbles(base, work) -> dict:
+def scenario_scribbles(base, work, **settings) -> dict:
     image, truth, affine = held_out_scan("t2", SEED + 1)
     base_pred = segment(base, image, affine)
     scribbles = scribbles_for(truth, np.random.default_rng(0))
-    new, seconds = run_finetune(base, image, scribbles, affine, work / "scribbles", sparse=True)
+    new, seconds = run_finetune(
+        base, image, scribbles, affine, work / "scribbles", sparse=True, **settings
+    )
     pred = segment(new, image, affine)
     return {
         "base": base, "seconds": round(seconds, 1), **steps(new),
@@ -173,14 +175,14 @@ def scenario_scribbles(base, work) -> dict:
     }  # fmt: skip
 
 
-def scenario_rounds(base, image, truth, affine, base_pred, work) -> dict:
+def scenario_rounds(base, image, truth, affine, base_pred, work, **settings) -> dict:
     slices = review_slices((truth > 0) | (base_pred > 0), 6)
     first, second = slices[::2], slices[1::2]
     labels = base_pred.copy()
     labels[:, :, first] = truth[:, :, first]
     reviewed: list[np.ndarray] = []
     t0 = time.perf_counter()
-    model1 = drain(iter_finetune(base, image, labels, labels != base_pred, FinetuneConfig(), work / "round1", affine=affine, on_reviewed=reviewed.append))  # fmt: skip
+    model1 = drain(iter_finetune(base, image, labels, labels != base_pred, FinetuneConfig(**settings), work / "round1", affine=affine, on_reviewed=reviewed.append))  # fmt: skip
     t1 = time.perf_counter() - t0
     pred1 = segment(model1, image, affine)
     labels2 = pred1.copy()
@@ -189,7 +191,7 @@ def scenario_rounds(base, image, truth, affine, base_pred, work) -> dict:
     labels2[:, :, second] = truth[:, :, second]
     changed |= labels2 != pred1
     t0 = time.perf_counter()
-    model2 = drain(iter_finetune(model1, image, labels2, changed, FinetuneConfig(), work / "round2", affine=affine, reviewed=reviewed[0]))  # fmt: skip
+    model2 = drain(iter_finetune(model1, image, labels2, changed, FinetuneConfig(**settings), work / "round2", affine=affine, reviewed=reviewed[0]))  # fmt: skip
     t2 = time.perf_counter() - t0
     pred2 = segment(model2, image, affine)
     region = untouched(truth.shape, slices)
@@ -218,6 +220,21 @@ def measure(name: str, r: dict) -> tuple[str, str]:
     return f"error {' -> '.join(map(str, r['outside_ml']))} ml", "round 2 <= round 1"
 
 
+def parse_settings(pairs: list[str]) -> dict:
+    """``["patch_size=48,48,48", "iterations=150"]`` -> FinetuneConfig keyword arguments."""
+    defaults = FinetuneConfig().__dict__
+    settings = {}
+    for pair in pairs:
+        field, _, text = pair.partition("=")
+        if field not in defaults:
+            raise SystemExit(f"--set: FinetuneConfig has no field {field!r}")
+        try:
+            settings[field] = json.loads(f"[{text}]" if "," in text else text)
+        except json.JSONDecodeError:
+            settings[field] = text  # a word, e.g. freeze=stage:1
+    return settings
+
+
 def print_table(results: dict) -> None:
     print(
         f"{'scenario':<12} {'measure (untouched slices)':<58} {'target':<20} {'steps':>5} {'s':>7}"
@@ -237,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scribble-base", default="brain-tissue-unet3d", help="base model of the scribble scenario")  # fmt: skip
     parser.add_argument("--only", nargs="+", default=["corrections", "new class", "scribbles", "two rounds"])  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune.json"))
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", help="change a default of FinetuneConfig, e.g. patch_size=48,48,48 iterations=150")  # fmt: skip
     args = parser.parse_args(argv)
+    settings = parse_settings(args.set)
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
@@ -246,20 +265,22 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     runs = {
         "corrections": lambda: scenario_corrections(
-            args.base, image, truth, affine, base_pred, work
+            args.base, image, truth, affine, base_pred, work, **settings
         ),  # fmt: skip
         "new class": lambda: scenario_new_class(
-            args.base, image, truth, codes, affine, base_pred, work
+            args.base, image, truth, codes, affine, base_pred, work, **settings
         ),  # fmt: skip
-        "scribbles": lambda: scenario_scribbles(args.scribble_base, work),
-        "two rounds": lambda: scenario_rounds(args.base, image, truth, affine, base_pred, work),
+        "scribbles": lambda: scenario_scribbles(args.scribble_base, work, **settings),
+        "two rounds": lambda: scenario_rounds(
+            args.base, image, truth, affine, base_pred, work, **settings
+        ),
     }
     for name in args.only:
         print(f"{name} ...", flush=True)
         results[name] = runs[name]()
         print(f"  {results[name]}", flush=True)
     print_table(results)
-    report = {"base": args.base, "scribble_base": args.scribble_base, "seed": SEED, "defaults": FinetuneConfig().__dict__, "results": results, "machine": machine_info()}  # fmt: skip
+    report = {"base": args.base, "scribble_base": args.scribble_base, "seed": SEED, "settings": FinetuneConfig(**settings).__dict__, "changed_defaults": settings, "results": results, "machine": machine_info()}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {args.out}")

@@ -349,7 +349,7 @@ class Trainer(SetupMixin, CardMixin):
                     message=f"mean foreground Dice {score:.4f}" + (" (best)" if improved else ""),
                 )  # fmt: skip
             )
-            if improved and self.dist.is_main:
+            if improved and self.dist.is_main and cfg.keep == "best":  # "last" never reads it
                 events.append(
                     TrainEvent(it, cfg.iterations, "checkpoint", model_path=self._save("best"))
                 )
