@@ -116,27 +116,17 @@ def run_ours(bundle: ModelBundle, image: np.ndarray, **options):
     return time.perf_counter() - t0, np.asarray(result.labels), result.info
 
 
-def run_monai(bundle: ModelBundle, image: np.ndarray, roi: tuple[int, ...]):
-    """MONAI as a user writes it: fp32, MONAI's defaults."""
+def run_monai(bundle: ModelBundle, image: np.ndarray, roi: tuple[int, ...], mode="constant"):
+    """MONAI as a user writes it: fp32, MONAI's defaults (``mode``: its blending)."""
     from monai.inferers import sliding_window_inference
 
     t0 = time.perf_counter()
     x = torch.from_numpy(normalize(image, bundle.card.normalization))[None, None]
     net = bundle.network.eval()
     with torch.no_grad():
-        logits = sliding_window_inference(x, roi, 1, net, overlap=0.25)
+        logits = sliding_window_inference(x, roi, 1, net, overlap=0.25, mode=mode)
     labels = logits.argmax(1)[0].numpy().astype(np.uint8)
     return time.perf_counter() - t0, labels, {}
-
-
-def run_monai_gaussian(bundle: ModelBundle, image: np.ndarray, roi: tuple[int, ...]):
-    """MONAI user-style with Gaussian weighting: how much MONAI's own tilings disagree."""
-    from monai.inferers import sliding_window_inference
-
-    x = torch.from_numpy(normalize(image, bundle.card.normalization))[None, None]
-    with torch.no_grad():
-        logits = sliding_window_inference(x, roi, 1, bundle.network.eval(), overlap=0.25, mode="gaussian")  # fmt: skip
-    return logits.argmax(1)[0].numpy().astype(np.uint8)
 
 
 def run_monai_expert(bundle: ModelBundle, image: np.ndarray, roi=(128, 128, 128)):
@@ -220,7 +210,7 @@ def bench_volume(name, image, reference, bundle, runs, attribute: bool) -> dict:
         agreement["ours_fp32_vs_monai"] = dice_per_class(fp32, monai, k)
         agreement["ours_fp32_vs_ours_bf16"] = dice_per_class(fp32, ours, k)
         # the floor a tile-sensitive model sets: MONAI against MONAI with other weights
-        monai_gaussian = run_monai_gaussian(bundle, image, tile)
+        monai_gaussian = run_monai(bundle, image, tile, mode="gaussian")[1]
         agreement["monai_gaussian_vs_monai"] = dice_per_class(monai_gaussian, monai, k)
         agreement["monai_expert_vs_monai"] = dice_per_class(last["monai_expert"][0], monai, k)
     if reference is not None:
