@@ -127,6 +127,14 @@ def evaluate(model, volumes: dict) -> dict:
     return results
 
 
+def weights_sha256(model: str) -> str:
+    """sha256 of a model's weights file: a name can mean other weights in a later report."""
+    import hashlib
+
+    path = load_model(model).path / "model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def timing(models: list[str], runs: int) -> dict:
     """Seconds to segment the sample, models alternating; medians."""
     image, _, affine = data.load_mni152()
@@ -177,9 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     volumes = cases()
     results = {}
+    digests = {m: weights_sha256(m) for m in (args.model, args.against)}
     if args.reuse_against is not None:
         earlier = json.loads(args.reuse_against.read_text())
-        results[args.against] = earlier["results"][args.against]
+        same = [m for m, d in earlier.get("sha256", {}).items() if d == digests[args.against]]
+        if not same:
+            raise SystemExit(f"{args.reuse_against} has no results of the weights {args.against} names now")  # fmt: skip
+        results[args.against] = earlier["results"][same[0]]
     for model in (args.model, args.against):
         if model in results:
             continue
@@ -190,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "against": args.against,
         "targets": TARGETS,
         "results": results,
+        "sha256": digests,
         "time": timing([args.model, args.against], args.runs),
         "machine": machine_info(),
     }
