@@ -36,7 +36,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
 from napari_selfreg import data
 from napari_selfreg.inference import Predictor
-from napari_selfreg.modelfile import load_model
+from napari_selfreg.modelfile import WEIGHTS_FILE, load_model, resolve_model_path
 from napari_selfreg.training import heads as H
 from napari_selfreg.training.synthesis import degrade_resolution, held_out_scan
 
@@ -131,8 +131,7 @@ def weights_sha256(model: str) -> str:
     """sha256 of a model's weights file: a name can mean other weights in a later report."""
     import hashlib
 
-    path = load_model(model).path / "model.safetensors"
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256((resolve_model_path(model) / WEIGHTS_FILE).read_bytes()).hexdigest()
 
 
 def timing(models: list[str], runs: int) -> dict:
