@@ -54,7 +54,7 @@ DESCRIPTION = (
     "procedural heads, random contrast, 1-5 mm, thick slices). Measured on held-out "
     "synthetic heads (benchmarks/brain_model.py): T1 with skull GM/WM Dice 0.92/0.90 with "
     "under 1 ml of tissue labelled outside the brain; 1 x 1 x 3 mm 0.90/0.89; 2 mm "
-    "0.88/0.87; T2-like 0.87/0.81; PD-like 0.86/0.80 (20-35 ml outside the brain at low "
+    "0.88/0.87; T2-like 0.87/0.81; PD-like 0.86/0.80 (18-34 ml outside the brain at low "
     "resolution and PD); brain-extracted 1 mm T1 (the sample) 0.92/0.90, where the first "
     "model, brain-tissue-unet3d-v1, is a little more accurate (0.93/0.92). Unusual anatomy "
     "(children, large lesions, tumours, "
