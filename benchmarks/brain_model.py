@@ -31,12 +31,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine import machine_info  # benchmarks/machine.py
+from machine import machine_info, weights_sha256  # benchmarks/machine.py
 from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
 from napari_selfreg import data
 from napari_selfreg.inference import Predictor
-from napari_selfreg.modelfile import WEIGHTS_FILE, load_model, resolve_model_path
+from napari_selfreg.modelfile import load_model
 from napari_selfreg.training import heads as H
 from napari_selfreg.training.synthesis import degrade_resolution, held_out_scan
 
@@ -125,13 +125,6 @@ def evaluate(model, volumes: dict) -> dict:
         agree[codes] = round(agreement(back, reference), 4)
     results["orientations"] = {"agreement": agree, "min": min(agree.values())}
     return results
-
-
-def weights_sha256(model: str) -> str:
-    """sha256 of a model's weights file: a name can mean other weights in a later report."""
-    import hashlib
-
-    return hashlib.sha256((resolve_model_path(model) / WEIGHTS_FILE).read_bytes()).hexdigest()
 
 
 def timing(models: list[str], runs: int) -> dict:

@@ -1,4 +1,4 @@
-"""What every benchmark records about the machine it ran on."""
+"""What every benchmark records about the machine it ran on and the models it measured."""
 
 from __future__ import annotations
 
@@ -28,3 +28,12 @@ def machine_info(threads: int | None = None) -> dict:
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def weights_sha256(model: str) -> str:
+    """sha256 of a model's weights file: a name can mean other weights in a later report."""
+    import hashlib
+
+    from napari_selfreg.modelfile import WEIGHTS_FILE, resolve_model_path
+
+    return hashlib.sha256((resolve_model_path(model) / WEIGHTS_FILE).read_bytes()).hexdigest()

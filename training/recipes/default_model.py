@@ -42,7 +42,7 @@ from napari_selfreg import data
 from napari_selfreg.modelfile import BUNDLED_DIR, DEFAULT_MODEL, load_model, save_model
 from napari_selfreg.training import TrainConfig, case_from_arrays, train
 from napari_selfreg.training.checkpoint import checkpoint_dir
-from napari_selfreg.training.synthesis import SyntheticPatches, held_out_scan
+from napari_selfreg.training.synthesis import SyntheticPatches, SynthSettings, held_out_scan
 
 NORMALIZATION = {"method": "zscore", "foreground": "otsu"}
 VALIDATION_SEEDS = {"t1": 11, "t2": 12, "pd": 13}  # the benchmark uses other seeds
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-every", type=int, default=200)
     parser.add_argument("--lambda-scr", type=float, default=0.015)
     parser.add_argument("--lambda-ifd", type=float, default=0.0, help="IFD collapses channels (docs/method.md); off by default")  # fmt: skip
+    parser.add_argument("--template-share", type=float, default=SynthSettings.template, help="share of patches that show the template T1 as it is (brain-extracted 1 mm T1)")  # fmt: skip
     parser.add_argument("--note", default="", help="a sentence for the card's training record")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -159,11 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         source = trained if trained.exists() else checkpoint_dir(trained) / "best"
     else:
         cfg = config(args)
+        settings = SynthSettings(template=args.template_share)
+        changed = "" if settings == SynthSettings() else f"template={settings.template}"
         source = train(
             cfg, validation_cases(), trained, callback=_print_event, resume=args.resume,
             network=None if args.resume else load_model(args.init).network.train(),
-            extra_training={"generator": "synthesis.SyntheticPatches (defaults)", **({"note": args.note} if args.note else {})},  # fmt: skip
-            patch_source=lambda rng: SyntheticPatches(cfg.patch_size, rng, NORMALIZATION),
+            extra_training={"generator": f"synthesis.SyntheticPatches ({changed or 'defaults'})", **({"note": args.note} if args.note else {})},  # fmt: skip
+            patch_source=lambda rng: SyntheticPatches(cfg.patch_size, rng, NORMALIZATION, settings),
         )  # fmt: skip
     last = json.loads((checkpoint_dir(trained) / "last" / "trainer.json").read_text())
     minutes = float(last.get("seconds", 0.0)) / 60
