@@ -14,6 +14,7 @@ from napari_selfreg.training import (
     FinetuneConfig,
     LabelError,
     TrainConfig,
+    TrainingError,
     case_from_arrays,
     iter_finetune,
     train,
@@ -364,3 +365,11 @@ def test_a_model_file_that_is_not_ours(tmp_path):
     image, labels = make_phantom((16, 16, 16), 3, seed=0)
     with pytest.raises(ModelFileError, match="not a napari-selfreg model"):
         finetune(bogus, image, labels, config=FinetuneConfig(iterations=1))
+
+
+def test_learning_rate_defaults_to_the_kind_of_labels():
+    assert FinetuneConfig().learning_rate() == pytest.approx(1e-3)
+    assert FinetuneConfig(sparse=True).learning_rate() == pytest.approx(3e-4)
+    assert FinetuneConfig(sparse=True, lr=5e-3).learning_rate() == pytest.approx(5e-3)
+    with pytest.raises(TrainingError, match="learning rate"):
+        FinetuneConfig(lr=0.0)

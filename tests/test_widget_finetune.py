@@ -207,6 +207,7 @@ def test_scribbles_train_on_painted_voxels_only(qtbot, segmented, phantom):
     assert finetune.labels_picker.layer() is scribbles and not scribbles.data.any()
     assert scribbles.selected_label == 255  # the brush starts on background
     assert "paint background with label 255" in finetune.changed_line.text()
+    assert finetune.lr.value() == pytest.approx(3e-4)  # the scribbles' learning rate
     truth = phantom[1]
     scribbles.data[10][truth[10] == 0] = 255
     scribbles.data[10][truth[10] == 1] = 1
@@ -220,6 +221,9 @@ def test_scribbles_train_on_painted_voxels_only(qtbot, segmented, phantom):
     painted = int((scribbles.data != 0).sum())
     assert card.training["finetune"]["painted_voxels"] == painted
     assert card.training["finetune"]["sparse"] is True
+    assert card.training["finetune"]["lr"] == pytest.approx(3e-4)
+    finetune.mode.setCurrentText("corrections")
+    assert finetune.lr.value() == pytest.approx(1e-3)
 
 
 def test_a_full_dock_scrolls_instead_of_clipping_lines(qtbot, segmented, phantom):

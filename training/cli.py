@@ -139,7 +139,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     ft.add_argument("--background-value", type=int, default=d.background_value, help=f"scribble value of background (default {d.background_value})")  # fmt: skip
     ft.add_argument("--iterations", type=int, default=d.iterations, help=f"optimiser steps (default {d.iterations})")  # fmt: skip
     ft.add_argument("--seconds", type=float, default=d.seconds_budget, help=f"training time budget in seconds, 0 for none (default {d.seconds_budget:g})")  # fmt: skip
-    ft.add_argument("--lr", type=float, default=d.lr)
+    ft.add_argument("--lr", type=float, default=None, help=f"learning rate (default {d.default_lr(False):g}, with --sparse {d.default_lr(True):g})")  # fmt: skip
     ft.add_argument("--freeze", default=d.freeze, help="none, encoder or stage:K")
     ft.add_argument("--batchnorm", default=d.batchnorm, choices=BATCHNORM_STATISTICS, help=f"BatchNorm running statistics: estimated anew through the final weights, or PyTorch's exponential average during training (default {d.batchnorm})")  # fmt: skip
     ft.add_argument("--corrected-weight", type=float, default=d.corrected_weight, help=f"loss weight of corrected voxels (other reviewed voxels 1; default {d.corrected_weight:g})")  # fmt: skip

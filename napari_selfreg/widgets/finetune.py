@@ -157,7 +157,11 @@ class FinetuneWidget(QWidget):
         self.lr.setDecimals(5)
         self.lr.setRange(1e-5, 1.0)
         self.lr.setSingleStep(1e-4)
-        self.lr.setValue(defaults.lr)
+        self.lr.setValue(defaults.learning_rate())
+        self.lr.setToolTip(
+            f"Learning rate; set to the mode's default when the mode changes "
+            f"(corrections {defaults.default_lr(False):g}, scribbles {defaults.default_lr(True):g})"
+        )
         self.lambda_scr = QDoubleSpinBox()
         self.lambda_ifd = QDoubleSpinBox()
         for spin, value in ((self.lambda_scr, defaults.lambda_scr), (self.lambda_ifd, defaults.lambda_ifd)):  # fmt: skip
@@ -242,6 +246,9 @@ class FinetuneWidget(QWidget):
         self._carry: dict[str, Any] | None = None
         self.labels_picker.changed.connect(self._on_labels_changed)
         self.mode.currentTextChanged.connect(lambda _: self._count_changes())
+        self.mode.currentTextChanged.connect(
+            lambda text: self.lr.setValue(FinetuneConfig.default_lr(text == "scribbles"))
+        )
         self.viewer.dims.events.order.connect(self.update_next_slices)
         self.viewer.dims.events.ndisplay.connect(self.update_next_slices)
         self._on_labels_changed()
