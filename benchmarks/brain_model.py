@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine import machine_info, weights_sha256  # benchmarks/machine.py
+from machine import machine_info, model_sha256  # benchmarks/machine.py
 from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
 from napari_selfreg import data
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     volumes = cases()
     results = {}
-    digests = {m: weights_sha256(m) for m in (args.model, args.against)}
+    digests = {m: model_sha256(m) for m in (args.model, args.against)}
     if args.reuse_against is not None:
         earlier = json.loads(args.reuse_against.read_text())
         same = [m for m, d in earlier.get("sha256", {}).items() if d == digests[args.against]]

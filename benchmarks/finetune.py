@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import machine_info, weights_sha256  # benchmarks/machine.py
+from machine import machine_info, model_sha256  # benchmarks/machine.py
 
 from napari_selfreg.inference import Predictor
 from napari_selfreg.jobs import drain
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {results[name]}", flush=True)
     print_table(results)
     bases = {args.base, args.scribble_base}
-    report = {"base": args.base, "scribble_base": args.scribble_base, "sha256": {m: weights_sha256(m) for m in bases}, "seed": SEED, "settings": FinetuneConfig(**settings).__dict__, "changed_defaults": settings, "results": results, "machine": machine_info()}  # fmt: skip
+    report = {"base": args.base, "scribble_base": args.scribble_base, "sha256": {m: model_sha256(m) for m in bases}, "seed": SEED, "settings": FinetuneConfig(**settings).__dict__, "changed_defaults": settings, "results": results, "machine": machine_info()}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {args.out}")

@@ -30,10 +30,8 @@ def machine_info(threads: int | None = None) -> dict:
     }
 
 
-def weights_sha256(model: str) -> str:
+def model_sha256(model: str) -> str:
     """sha256 of a model's weights file: a name can mean other weights in a later report."""
-    import hashlib
+    from napari_selfreg.modelfile import resolve_model_path, weights_sha256
 
-    from napari_selfreg.modelfile import WEIGHTS_FILE, resolve_model_path
-
-    return hashlib.sha256((resolve_model_path(model) / WEIGHTS_FILE).read_bytes()).hexdigest()
+    return weights_sha256(resolve_model_path(model))

@@ -257,7 +257,7 @@ def save_model(
     try:
         tmp.mkdir()
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-        digest = hashlib.sha256((tmp / WEIGHTS_FILE).read_bytes()).hexdigest()
+        digest = weights_sha256(tmp)
         card_data = card.to_dict()
         card_data["weights_sha256"] = digest
         with open(tmp / CARD_FILE, "w") as fh:
@@ -367,13 +367,18 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu
     return ModelBundle(network=network, card=card, path=path)
 
 
+def weights_sha256(folder: str | os.PathLike) -> str:
+    """sha256 of the weights file in a model folder (the card's ``weights_sha256``)."""
+    return hashlib.sha256((Path(folder) / WEIGHTS_FILE).read_bytes()).hexdigest()
+
+
 def _check_digest(path: Path) -> None:
     """Compare the weights with the card's ``weights_sha256`` (when the card has one)."""
     try:
         expected = json.loads((path / CARD_FILE).read_text()).get("weights_sha256")
         if not expected:
             return
-        digest = hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest()
+        digest = weights_sha256(path)
     except (OSError, ValueError, AttributeError):
         return  # missing files are reported by the loader
     if digest != expected:

@@ -368,8 +368,8 @@ def test_a_model_file_that_is_not_ours(tmp_path):
 
 
 def test_learning_rate_defaults_to_the_kind_of_labels():
-    assert FinetuneConfig().learning_rate() == pytest.approx(1e-3)
-    assert FinetuneConfig(sparse=True).learning_rate() == pytest.approx(3e-4)
-    assert FinetuneConfig(sparse=True, lr=5e-3).learning_rate() == pytest.approx(5e-3)
+    assert FinetuneConfig().learning_rate == pytest.approx(1e-3)
+    assert FinetuneConfig(sparse=True).learning_rate == pytest.approx(3e-4)
+    assert FinetuneConfig(sparse=True, lr=5e-3).learning_rate == pytest.approx(5e-3)
     with pytest.raises(TrainingError, match="learning rate"):
         FinetuneConfig(lr=0.0)

@@ -345,6 +345,7 @@ class FinetuneConfig:
         """The learning rate of corrected labels (1e-3) or of scribbles (3e-4)."""
         return 3e-4 if sparse else 1e-3
 
+    @property
     def learning_rate(self) -> float:
         """``lr``, or the default of the kind of labels (``sparse`` or not)."""
         return float(self.lr) if self.lr is not None else self.default_lr(self.sparse)

@@ -498,7 +498,7 @@ def iter_finetune(
         batch_size=cfg.batch_size,
         iterations=cfg.iterations,
         max_seconds=cfg.seconds_budget,
-        lr=cfg.learning_rate(),
+        lr=cfg.learning_rate,
         poly_power=cfg.poly_power,
         cooldown=cfg.cooldown,
         lambda_scr=cfg.lambda_scr,
@@ -568,7 +568,7 @@ def finetune(
 
 def _asdict(cfg: FinetuneConfig) -> dict[str, Any]:
     data = dataclasses.asdict(cfg)
-    data["lr"] = cfg.learning_rate()  # the rate used, also when the kind of labels chose it
+    data["lr"] = cfg.learning_rate  # the rate used, also when the kind of labels chose it
     if cfg.patch_size is not None:
         data["patch_size"] = list(cfg.patch_size)
     if cfg.label_map is not None:

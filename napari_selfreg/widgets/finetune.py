@@ -157,7 +157,7 @@ class FinetuneWidget(QWidget):
         self.lr.setDecimals(5)
         self.lr.setRange(1e-5, 1.0)
         self.lr.setSingleStep(1e-4)
-        self.lr.setValue(defaults.learning_rate())
+        self.lr.setValue(defaults.learning_rate)
         self.lr.setToolTip(
             f"Learning rate; set to the mode's default when the mode changes "
             f"(corrections {defaults.default_lr(False):g}, scribbles {defaults.default_lr(True):g})"
