@@ -19,7 +19,8 @@ procedural heads of :mod:`.heads`):
   inside its brain mask, deformed with the image).
 * :class:`SyntheticPatches` is a patch source of the training loop: every patch
   comes from a new subject, normalised with statistics of that subject's whole
-  field of view (a coarse render), as the predictor normalises a whole volume.
+  field of view (a coarse render), as the predictor normalises a whole volume;
+  :class:`WorkerPatches` draws them in several processes (to feed a GPU).
 * :func:`render_volume` renders a whole subject (validation, benchmarks).
 """
 
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 
 from . import heads as H
 
@@ -529,6 +531,47 @@ class SyntheticPatches:
             labels.append(lab.astype(np.int64))
         image = np.stack(images)
         return image, np.stack(labels), np.ones(image.shape[:1] + image.shape[2:], np.float32)
+
+
+class _PatchStream(torch.utils.data.IterableDataset):
+    """Endless batches from one :class:`SyntheticPatches` per worker process."""
+
+    def __init__(self, seed: int, batch_size: int, kwargs: dict):
+        self.seed, self.batch_size, self.kwargs = seed, batch_size, kwargs
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, info.id if info else 0])
+        source = SyntheticPatches(rng=rng, **self.kwargs)
+        while True:
+            yield source.sample(self.batch_size)
+
+
+class WorkerPatches:
+    """:class:`SyntheticPatches` drawn in ``workers`` processes (a torch ``DataLoader``),
+    for a GPU that one core cannot feed. Each worker has its own heads and randomness
+    (seeded from ``rng`` and the worker's index); a resumed run draws new subjects.
+
+    Args:
+        batch_size: patches per :meth:`sample` (the training batch).
+        workers: generating processes.
+        **kwargs: :class:`SyntheticPatches` arguments but ``rng``.
+    """
+
+    def __init__(self, rng: np.random.Generator, batch_size: int, workers: int, **kwargs):
+        self.batch_size = int(batch_size)
+        stream = _PatchStream(int(rng.integers(2**62)), self.batch_size, kwargs)
+        self.loader = torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=int(workers), prefetch_factor=4,
+            persistent_workers=True,
+        )  # fmt: skip
+        self._batches = iter(self.loader)
+
+    def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As :meth:`SyntheticPatches.sample`; ``batch_size`` must be the one given."""
+        if int(batch_size) != self.batch_size:
+            raise ValueError(f"batch size {batch_size} != the workers' {self.batch_size}")
+        return tuple(np.asarray(a) for a in next(self._batches))
 
 
 def replace(subject: Subject, **changes) -> Subject:

@@ -42,7 +42,12 @@ from napari_selfreg import data
 from napari_selfreg.modelfile import BUNDLED_DIR, DEFAULT_MODEL, load_model, save_model
 from napari_selfreg.training import TrainConfig, case_from_arrays, train
 from napari_selfreg.training.checkpoint import checkpoint_dir
-from napari_selfreg.training.synthesis import SyntheticPatches, SynthSettings, held_out_scan
+from napari_selfreg.training.synthesis import (
+    SyntheticPatches,
+    SynthSettings,
+    WorkerPatches,
+    held_out_scan,
+)
 
 NORMALIZATION = {"method": "zscore", "foreground": "otsu"}
 VALIDATION_SEEDS = {"t1": 11, "t2": 12, "pd": 13}  # the benchmark uses other seeds
@@ -83,7 +88,7 @@ def config(args) -> TrainConfig:
         num_classes=3,
         class_names=list(data.MNI152_CLASSES),
         patch_size=(args.patch,) * 3,
-        batch_size=2,
+        batch_size=args.batch,
         iterations=args.iterations,
         max_seconds=args.minutes * 60,
         anneal_to_budget=True,  # the session's time, not the step count, ends a run
@@ -99,8 +104,20 @@ def config(args) -> TrainConfig:
         spacing=[1.0, 1.0, 1.0],
         orientation="RAS",
         num_threads=args.threads,
+        device=args.device,
         description=DESCRIPTION,
     )
+
+
+def patch_source(rng, cfg: TrainConfig, settings: SynthSettings, workers: int):
+    """Synthetic patches, generated in the training process or in ``workers`` processes
+    (each with a pool of 2 heads, one replaced every 1000 patches)."""
+    if not workers:
+        return SyntheticPatches(cfg.patch_size, rng, NORMALIZATION, settings)
+    return WorkerPatches(
+        rng, cfg.batch_size, workers, patch_size=cfg.patch_size, normalization=NORMALIZATION,
+        settings=settings, heads=2, refresh_every=1000,
+    )  # fmt: skip
 
 
 def publish(trained: Path, out: Path, minutes: float, command: str, init: str) -> dict:
@@ -143,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="a sentence for the card's training record")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=2, help="patches per step (the CPU runs used 2)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=0, help="processes that generate patches (0: in the training process); a GPU needs many")  # fmt: skip
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--init", default="brain-tissue-unet3d-v1", help="start from this model")
     parser.add_argument("--workdir", type=Path, default=Path(".runs/default-model"))
     parser.add_argument("--out", type=Path, default=BUNDLED_DIR / DEFAULT_MODEL)
@@ -166,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg, validation_cases(), trained, callback=_print_event, resume=args.resume,
             network=None if args.resume else load_model(args.init).network.train(),
             extra_training={"generator": f"synthesis.SyntheticPatches ({changed or 'defaults'})", **({"note": args.note} if args.note else {})},  # fmt: skip
-            patch_source=lambda rng: SyntheticPatches(cfg.patch_size, rng, NORMALIZATION, settings),
+            patch_source=lambda rng: patch_source(rng, cfg, settings, args.workers),
         )  # fmt: skip
     last = json.loads((checkpoint_dir(trained) / "last" / "trainer.json").read_text())
     minutes = float(last.get("seconds", 0.0)) / 60
