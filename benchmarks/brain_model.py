@@ -7,6 +7,9 @@ values, other seeds; ``training/synthesis.py`` ``held_out_scan``):
 * ``head T1``: the template brain inside a synthetic head with skull, face and neck;
 * ``head T2-like``, ``head PD-like``: the same head, the brain's real T1 remapped;
 * ``head T1 2 mm``, ``head T1 1x1x3 mm``: the T1 head as acquired at lower resolution;
+* ``head T1 other folding``: the T1 head deformed on a finer grid and more strongly
+  than training ever deforms (3 mm std, nodes 15-20 mm apart): gyri in other places,
+  a stand-in for another brain, since the template is the only anatomy here;
 * ``orientations``: the T1 head stored P,S,L / L,I,P / A,S,R with matching affines,
   labels compared with the RAS copy's after mapping back;
 * ``time``: the sample segmented by both models, alternating, median of ``--runs``.
@@ -48,6 +51,7 @@ TARGETS = {
     "head PD-like": "GM/WM >= 0.75",
     "head T1 2 mm": "GM/WM >= 0.85",
     "head T1 1x1x3 mm": "GM/WM >= 0.85",
+    "head T1 other folding": "none (a stand-in for another anatomy)",
     "orientations": "agreement >= 0.99",
     "time": "new <= 1.5x old",
 }
@@ -97,6 +101,8 @@ def cases():
     for contrast, name in (("t1", "head T1"), ("t2", "head T2-like"), ("pd", "head PD-like")):
         image, labels, affine, codes = held_out_scan(contrast, SEED, with_codes=True)
         out[name] = (image, labels, affine, codes == H.BRAIN)
+    image, labels, affine, codes = held_out_scan("t1", SEED, with_codes=True, deform_mm=3.0)
+    out["head T1 other folding"] = (image, labels, affine, codes == H.BRAIN)
     image, labels, affine, brain = out["head T1"]
     for name, spacing in (
         ("head T1 2 mm", (2.0, 2.0, 2.0)),

@@ -13,7 +13,8 @@ the volume's affine), then segments the whole volume again.
   outside the brain on the untouched slices (target: down by >= 90 % within 60 s).
 * ``new class``: on 6 axial slices spread over the head the tissue outside the brain is
   painted as a new class ("extracerebral"); measure: its Dice on the untouched slices
-  (>= 0.85).
+  (>= 0.85); also grey or white matter left outside the brain (the head's brain mask)
+  and CSF inside it labelled tissue, apart, as ``brain_model.py`` counts them.
 * ``scribbles``: on a T2-like scan, strokes of background, grey and white matter
   covering <= 2 % of the voxels (unpainted = unknown); measure: GM/WM Dice on the
   whole volume (>= 0.85).
@@ -127,8 +128,20 @@ def scenario_new_class(base, image, truth, codes, affine, base_pred, work, **set
         "new_class_dice": round(dice(pred[region], target[region], 3), 4),
         "outside_ml_before": round(outside_ml(base_pred, truth, region), 1),
         "brain_tissue_outside_ml_after": round(float(((pred[region] == 1) | (pred[region] == 2))[truth[region] == 0].sum()) / 1000, 1),
+        **{f"{k}_before": v for k, v in tissue_split(base_pred, truth, codes, region).items()},
+        **{f"{k}_after": v for k, v in tissue_split(pred, truth, codes, region).items()},
         "class_names": load_model(new).card.class_names,
     }  # fmt: skip
+
+
+def tissue_split(pred, truth, codes, region) -> dict:
+    """Grey or white matter outside the brain (the head's brain mask) and on CSF inside it, ml
+    (``brain_tissue_outside_ml`` counts both: every truth-background voxel)."""
+    tissue, brain = (pred[region] == 1) | (pred[region] == 2), codes[region] == H.BRAIN
+    return {
+        "outside_brain_ml": round(float((tissue & ~brain).sum()) / 1000, 1),
+        "csf_as_tissue_ml": round(float((tissue & brain & (truth[region] == 0)).sum()) / 1000, 1),
+    }
 
 
 def scribbles_for(truth: np.ndarray, rng: np.random.Generator, share: float = 0.015, margin: int = 1):  # fmt: skip
@@ -211,7 +224,8 @@ def measure(name: str, r: dict) -> tuple[str, str]:
             "-90 %",
         )
     if name == "new class":
-        return f"Dice {r['new_class_dice']}", ">= 0.85"
+        split = f"; tissue outside the brain {r['outside_brain_ml_after']} ml" if "outside_brain_ml_after" in r else ""  # fmt: skip
+        return f"Dice {r['new_class_dice']}{split}", ">= 0.85"
     if name == "scribbles":
         return (
             f"GM/WM {r['gm_wm_before']} -> {r['gm_wm_after']} ({r['painted_pct']} % painted)",

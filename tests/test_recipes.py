@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -61,3 +62,20 @@ def test_missu_ablation_arms_train(tmp_path):
     assert terms["distillation"]["kd"] > 0 and "lmsf_aux" not in terms["distillation"]
     assert terms["distillation_lmsf"]["kd"] > 0 and terms["distillation_lmsf"]["lmsf_aux"] > 0
     assert terms["aux_heads"]["kd"] == 0 and terms["aux_heads"]["lmsf_aux"] > 0
+
+
+def test_default_model_publish_ships_a_model_trained_elsewhere(tmp_path):
+    from napari_selfreg.modelfile import BUNDLED_DIR, load_model, weights_sha256
+
+    default_model = recipe("default_model")
+    trained = tmp_path / "trained-on-gpu"
+    shutil.copytree(BUNDLED_DIR / "brain-tissue-unet3d-v1", trained)
+    out = tmp_path / "brain-tissue-unet3d"
+    argv = ["--publish", str(trained), "--out", str(out), "--init", "parent", "--note", "GPU"]
+    assert default_model.main(argv) == 0
+    card = load_model(out).card
+    assert card.name == "brain-tissue-unet3d" and card.description == default_model.DESCRIPTION
+    assert card.training["note"] == "GPU" and card.training["init"] == "parent"
+    assert card.training["trained_by"] == load_model(trained).card.training["command"]
+    assert weights_sha256(out) == weights_sha256(trained)  # bf16 in, the same bf16 out
+    assert default_model.main(argv) == 2  # never over an existing model without --replace

@@ -105,12 +105,36 @@ def test_patches_are_normalised_seeded_and_hold_tissue(head):
     assert not np.array_equal(image, patches(6)[0])
 
 
+def test_worker_patches_are_seeded_and_shaped_like_the_in_process_ones(head):
+    spec = {"method": "zscore", "foreground": "otsu"}
+
+    def first_batch(seed):
+        source = S.WorkerPatches(
+            np.random.default_rng(seed), 2, 1, patch_size=(24, 24, 24), normalization=spec,
+            heads=[head],
+        )  # fmt: skip
+        return source, source.sample(2)
+
+    source, (image, labels, weight) = first_batch(5)
+    assert image.shape == (2, 1, 24, 24, 24) and image.dtype == np.float32
+    assert labels.shape == (2, 24, 24, 24) and labels.dtype == np.int64
+    assert weight.shape == labels.shape and set(np.unique(labels)) <= {0, 1, 2}
+    with pytest.raises(ValueError, match="batch size"):
+        source.sample(3)
+    np.testing.assert_array_equal(image, first_batch(5)[1][0])
+    assert not np.array_equal(image, first_batch(6)[1][0])
+
+
 @pytest.mark.slow
 def test_held_out_scan_and_degraded_resolution():
     image, labels, affine = S.held_out_scan("t2", seed=3)
     assert image.shape == labels.shape == (184, 248, 275)
     np.testing.assert_allclose(np.abs(np.diag(affine)[:3]), 1.0)
     assert image[labels == 2].mean() < image[labels == 1].mean()  # T2: white matter darker
+    folded, folded_labels, _ = S.held_out_scan("t2", seed=3, deform_mm=3.0)  # other folding
+    overlap = 2 * ((folded_labels == 1) & (labels == 1)).sum() / ((folded_labels == 1).sum() + (labels == 1).sum())  # fmt: skip
+    assert 0.6 < overlap < 0.95  # grey matter elsewhere, the same brain
+    assert abs(int((folded_labels > 0).sum()) / int((labels > 0).sum()) - 1) < 0.1
     low, low_labels, low_affine = S.degrade_resolution(image, labels, affine, (1.0, 1.0, 3.0))
     assert low.shape == low_labels.shape == (184, 248, 92)
     np.testing.assert_allclose(
