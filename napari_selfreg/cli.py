@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--precision", default=DEFAULTS.precision, choices=list(PRECISIONS))
     seg.add_argument("--tile", type=int, nargs="+", metavar="N", help="tile size per axis (D H W; H W for 2D models)")  # fmt: skip
     seg.add_argument("--no-crop", dest="crop", action="store_false", help="tile the whole volume; by default only the box holding the nonzero voxels is tiled (a brain-extracted scan takes about half the time) and the rest is background")  # fmt: skip
+    seg.add_argument("--keep-all-pieces", dest="keep_largest", action="store_false", help="skip the model's largest-piece post-processing (its card's keep_largest: the default model keeps only the largest connected piece of grey plus white matter, dropping tissue labels in the air or scalp)")  # fmt: skip
     seg.add_argument("--overlap", type=float, default=DEFAULTS.overlap, help=f"tile overlap in [0, 1) (default {DEFAULTS.overlap}; 0.5 is smoother and about 2.5x slower)")  # fmt: skip
     seg.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
     seg.add_argument("--axis", type=int, default=0, choices=[0, 1, 2], help="slice axis for 2D models")  # fmt: skip
@@ -285,6 +286,7 @@ def cmd_segment(args) -> int:
         uncertainty=args.uncertainty,
         slice_scores=bool(args.rank_slices),
         crop_to_nonzero=args.crop,
+        keep_largest=args.keep_largest,
     )
     created = prepare_output_folders(every)
     for folder in {o.parent for o in outputs}:

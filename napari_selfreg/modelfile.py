@@ -95,6 +95,12 @@ def _check_schema(card: ModelCard) -> None:
         and sorted(_AXES[c] for c in codes) == [0, 1, 2]
     ):  # fmt: skip
         fail("orientation", "three axis codes such as 'RAS'")
+    groups = card.keep_largest
+    if groups is not None and not (
+        isinstance(groups, list)
+        and all(is_list(g, int, 1, 1000) and min(g) >= 1 for g in groups)
+    ):  # fmt: skip
+        fail("keep_largest", "a list of lists of foreground class indices")
     for name in ("training", "metrics"):
         if not isinstance(getattr(card, name), dict):
             fail(name, "a mapping")
@@ -125,6 +131,10 @@ class ModelCard:
             (``"RAS"``: the first axis runs towards the right, the second anterior, the
             third superior); the predictor reorients a volume with a known affine to
             it and back. None: arrays as stored.
+        keep_largest: groups of classes (lists of class indices) of which the predictor
+            keeps only the largest connected piece of their union, the rest becoming
+            background (nnU-Net's "largest component" post-processing; for a brain
+            model, ``[[1, 2]]``: grey and white matter form one piece). None: none.
         description: free text (what it segments, recipe, caveats).
         training: training summary (recipe, data, iterations, split, seed...).
         metrics: validation metrics, e.g. ``{"dice": {"grey matter": 0.93}}``.
@@ -141,6 +151,7 @@ class ModelCard:
     patch_size: list[int] | None = None
     spacing: list[float] | None = None
     orientation: str | None = None
+    keep_largest: list[list[int]] | None = None
     description: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -156,6 +167,8 @@ class ModelCard:
             self.class_colors = [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(n)]
         if len(self.class_colors) != n:
             raise ValueError(f"{len(self.class_colors)} class colours for {n} classes")
+        if self.keep_largest and max(max(g) for g in self.keep_largest) >= n:
+            raise ValueError(f"keep_largest names a class beyond the {n} classes")
 
     @property
     def num_classes(self) -> int:

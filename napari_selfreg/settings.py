@@ -22,6 +22,7 @@ class PredictorDefaults:
     precision: str = "auto"
     gaussian: bool = True
     crop_to_nonzero: bool = True
+    keep_largest: bool = True  # the card's ``keep_largest`` groups (connected pieces)
 
 
 DEFAULTS = PredictorDefaults()

@@ -63,14 +63,14 @@ def mislabelling_base(tmp_path_factory):
     return train(config, cases, tmp_path_factory.mktemp("base") / "base")
 
 
-def tiny_base(tmp_path, num_classes=3):
+def tiny_base(tmp_path, num_classes=3, **card_kw):
     torch.manual_seed(0)
     net = models.build("unet3d", 1, num_classes, channels=(4, 8, 16))
     card = ModelCard(
         name="tiny", architecture="unet3d",
         options={"channels": [4, 8, 16], "in_channels": 1, "num_classes": num_classes},
         class_names=["background"] + [f"c{i}" for i in range(1, num_classes)],
-        patch_size=[16, 16, 16],
+        patch_size=[16, 16, 16], **card_kw,
     )  # fmt: skip
     return save_model(net, card, tmp_path / "tiny")
 
@@ -129,7 +129,7 @@ def test_labels_equal_to_the_prediction_are_refused(tmp_path):
 
 
 def test_unknown_label_values_need_a_remap_or_extension(tmp_path):
-    base = tiny_base(tmp_path)
+    base = tiny_base(tmp_path, keep_largest=[[1, 2]])
     image, labels = make_phantom((16, 16, 16), 4, seed=0)  # class 3 is new to the model
     changed = labels == 3
     with pytest.raises(LabelError, match=r"value\(s\) 3 .*label map.*extend"):
@@ -140,6 +140,7 @@ def test_unknown_label_values_need_a_remap_or_extension(tmp_path):
     card = load_model(extended).card
     assert card.num_classes == 4 and card.class_names[-1] == "class 3"
     assert len(card.class_colors) == 4
+    assert card.keep_largest == [[1, 2]]  # the parent's post-processing goes with it
 
 
 def test_extend_classes_keeps_predictions_and_starts_new_classes_below_background():

@@ -198,6 +198,7 @@ def test_hostile_and_malformed_cards_are_refused_in_one_sentence(tmp_path, caplo
         variant("names", class_names="abc"): "'class_names' must be",
         variant("patch", patch_size=[1, "x", 3]): "'patch_size' must be",
         variant("orient", orientation="RAR"): "'orientation' must be",
+        variant("largest", keep_largest=[[0, 1]]): "'keep_largest' must be",
     }
     for folder, message in cases.items():
         with pytest.raises(ModelFileError, match=message):

@@ -273,7 +273,7 @@ def test_unet_odd_shapes_bf16_and_progress():
     assert all(isinstance(e, Progress) for e in events)
     assert result.info["gflop"] > 0 and result.info["bn_folded"] == 10
     stages = result.info["stages"]  # where the time went: every stage, adding up
-    assert set(stages) == {"prepare", "network setup", "read", "network", "stitch", "finish", "other"}  # fmt: skip
+    assert set(stages) == {"prepare", "network setup", "read", "network", "stitch", "postprocess", "finish", "other"}  # fmt: skip
     assert min(stages.values()) >= -0.01 and stages["network"] > 0
     assert sum(stages.values()) == pytest.approx(result.info["seconds"], abs=0.01)
     fp32 = segment(image, net, tile=16, batch_size=3, device="cpu", precision="fp32")
@@ -336,6 +336,23 @@ def test_mask_skips_tiles_and_zeroes_labels():
     assert (full1.labels == 1).all()
     masked1 = Predictor(raw(Pointwise()), tile=8, overlap=0.0, device="cpu").segment(x, mask=mask)
     assert (masked1.labels[mask] == 1).all() and (masked1.labels[~mask] == 0).all()
+
+
+def test_card_keep_largest_drops_the_smaller_pieces_of_a_class_group():
+    image = np.ones((16, 24, 24), np.float32)  # class 0 where positive, 1 where negative
+    image[2:10, 2:12, 2:12] = -1  # the large piece
+    image[12:15, 18:22, 18:22] = -1  # a small piece apart
+    image[9, 11, 12] = -1  # touching the large piece diagonally only: 26-connected, kept
+    both = Predictor(raw(Pointwise()), tile=8, overlap=0.0, device="cpu").segment(image)
+    assert both.labels.sum() == 8 * 10 * 10 + 3 * 4 * 4 + 1 and "keep_largest" not in both.info
+    bundle = raw(Pointwise(), keep_largest=[[1]])
+    kept = Predictor(bundle, tile=8, overlap=0.0, device="cpu").segment(image)
+    assert kept.labels.sum() == 8 * 10 * 10 + 1 and kept.labels[12:15, 18:22, 18:22].max() == 0
+    assert kept.info["keep_largest"] == {"groups": [[1]], "voxels_removed": 3 * 4 * 4}
+    off = Predictor(bundle, tile=8, overlap=0.0, device="cpu", keep_largest=False).segment(image)
+    np.testing.assert_array_equal(off.labels, both.labels)
+    with pytest.raises(ValueError, match="beyond"):
+        raw(Pointwise(), keep_largest=[[2]])
 
 
 # ----------------------------------------------------------------------------- cropping

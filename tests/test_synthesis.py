@@ -1,6 +1,7 @@
 """Synthetic training scans: head label maps, rendered subjects, training patches."""
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from napari_selfreg.training import heads as H
 from napari_selfreg.training import synthesis as S
+from napari_selfreg.training.workers import WorkerPatches
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +111,8 @@ def test_worker_patches_are_seeded_and_shaped_like_the_in_process_ones(head):
     spec = {"method": "zscore", "foreground": "otsu"}
 
     def first_batch(seed):
-        source = S.WorkerPatches(
-            np.random.default_rng(seed), 2, 1, patch_size=(24, 24, 24), normalization=spec,
-            heads=[head],
-        )  # fmt: skip
+        factory = functools.partial(S.SyntheticPatches, (24, 24, 24), normalization=spec, heads=[head])  # fmt: skip
+        source = WorkerPatches(factory, np.random.default_rng(seed), 2, 1)
         return source, source.sample(2)
 
     source, (image, labels, weight) = first_batch(5)

@@ -74,6 +74,7 @@ class CardMixin:
             ),
             spacing=base.spacing if base is not None else cfg.spacing,
             orientation=base.orientation if base is not None else cfg.orientation,
+            keep_largest=base.keep_largest if base is not None else None,
             description=cfg.description or (base.description if base is not None else ""),
             training=training,
             metrics=metrics_ or {},

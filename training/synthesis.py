@@ -19,8 +19,7 @@ procedural heads of :mod:`.heads`):
   inside its brain mask, deformed with the image).
 * :class:`SyntheticPatches` is a patch source of the training loop: every patch
   comes from a new subject, normalised with statistics of that subject's whole
-  field of view (a coarse render), as the predictor normalises a whole volume;
-  :class:`WorkerPatches` draws them in several processes (to feed a GPU).
+  field of view (a coarse render), as the predictor normalises a whole volume.
 * :func:`render_volume` renders a whole subject (validation, benchmarks).
 """
 
@@ -35,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch.utils.data
 
 from . import heads as H
 
@@ -533,47 +531,6 @@ class SyntheticPatches:
         return image, np.stack(labels), np.ones(image.shape[:1] + image.shape[2:], np.float32)
 
 
-class _PatchStream(torch.utils.data.IterableDataset):
-    """Endless batches from one :class:`SyntheticPatches` per worker process."""
-
-    def __init__(self, seed: int, batch_size: int, kwargs: dict):
-        self.seed, self.batch_size, self.kwargs = seed, batch_size, kwargs
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        rng = np.random.default_rng([self.seed, info.id if info else 0])
-        source = SyntheticPatches(rng=rng, **self.kwargs)
-        while True:
-            yield source.sample(self.batch_size)
-
-
-class WorkerPatches:
-    """:class:`SyntheticPatches` drawn in ``workers`` processes (a torch ``DataLoader``),
-    for a GPU that one core cannot feed. Each worker has its own heads and randomness
-    (seeded from ``rng`` and the worker's index); a resumed run draws new subjects.
-
-    Args:
-        batch_size: patches per :meth:`sample` (the training batch).
-        workers: generating processes.
-        **kwargs: :class:`SyntheticPatches` arguments but ``rng``.
-    """
-
-    def __init__(self, rng: np.random.Generator, batch_size: int, workers: int, **kwargs):
-        self.batch_size = int(batch_size)
-        stream = _PatchStream(int(rng.integers(2**62)), self.batch_size, kwargs)
-        self.loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=int(workers), prefetch_factor=4,
-            persistent_workers=True,
-        )  # fmt: skip
-        self._batches = iter(self.loader)
-
-    def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """As :meth:`SyntheticPatches.sample`; ``batch_size`` must be the one given."""
-        if int(batch_size) != self.batch_size:
-            raise ValueError(f"batch size {batch_size} != the workers' {self.batch_size}")
-        return tuple(np.asarray(a) for a in next(self._batches))
-
-
 def replace(subject: Subject, **changes) -> Subject:
     """A copy of ``subject`` with some fields changed (test and benchmark subjects)."""
     return dataclasses.replace(subject, **changes)
@@ -609,10 +566,7 @@ def held_out_scan(
     the training ranges), the contrast from :data:`TEST_CONTRASTS` (the brain is the
     template's real T1 remapped), with a small head rotation, mild bias field and
     noise, and a field of view from the vertex into the neck. Labels are the sample's
-    tissue labels moved with the head. ``deform_mm`` > 0 deforms the head with a
-    displacement of that std on a 13^3 grid (nodes 15-20 mm apart; training's finest is
-    1.2 mm on 11^3): the template folded otherwise, a stand-in for another anatomy.
-    """
+    tissue labels moved with the head; ``deform_mm`` folds it otherwise (13^3 grid)."""
     rng = np.random.default_rng([seed, 4242])
     head = H.make_head(rng, head_settings or H.TEST_HEAD)
     values = TEST_CONTRASTS[contrast]

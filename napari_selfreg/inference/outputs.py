@@ -168,6 +168,26 @@ class _Sink:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def keep_largest_pieces(labels: np.ndarray, groups: list[list[int]]) -> int:
+    """In place: for each group of classes, its voxels outside the largest 26-connected
+    piece of the group's union become background. Returns the voxels changed."""
+    from scipy import ndimage
+
+    structure = np.ones((3,) * labels.ndim, dtype=bool)
+    changed = 0
+    for group in groups:
+        member = np.isin(labels, group)
+        pieces, n = ndimage.label(member, structure)
+        if n <= 1:
+            continue
+        sizes = np.bincount(pieces.ravel())
+        sizes[0] = 0
+        drop = member & (pieces != sizes.argmax())
+        labels[drop] = 0
+        changed += int(drop.sum())
+    return changed
+
+
 def argmax_classes(scores: torch.Tensor) -> torch.Tensor:
     """``scores.argmax(0)`` (first maximum wins) as uint8 (int32 above 256 classes).
 

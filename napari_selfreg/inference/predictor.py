@@ -43,7 +43,7 @@ from ..jobs import Progress, drain
 from ..settings import DEFAULTS
 from .inputs import _is_lazy, _Work
 from .network import _LOW_PRECISION_MODULES, count_flops, exact_max_pools, fold_batchnorm
-from .outputs import SegmentationResult, _Sink
+from .outputs import SegmentationResult, _Sink, keep_largest_pieces
 from .tiling import auto_batch, gaussian_map, is_out_of_memory, next_fallback, tile_positions
 
 DEFAULT_TILE = {3: (96, 96, 96), 2: (256, 256)}
@@ -92,6 +92,8 @@ class Predictor:
         crop_to_nonzero: tile only the box holding the image's nonzero voxels (in-memory
             volumes, as nnU-Net crops); outside it the labels are background. A
             brain-extracted scan needs about half the tiles.
+        keep_largest: apply the card's ``keep_largest`` post-processing (only the
+            largest connected piece of each group of classes is kept) to in-memory results.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class Predictor:
         fold_bn: bool = True,
         channels_last: bool = True,
         crop_to_nonzero: bool = DEFAULTS.crop_to_nonzero,
+        keep_largest: bool = DEFAULTS.keep_largest,
     ):
         from ..modelfile import ModelBundle, load_model
 
@@ -144,6 +147,7 @@ class Predictor:
         self.slab_size = int(slab_size) if slab_size else None
         self.fold_bn, self.channels_last = bool(fold_bn), bool(channels_last)
         self.crop_to_nonzero = bool(crop_to_nonzero)
+        self.keep_largest = bool(keep_largest)
         self._nets: dict[str, tuple[nn.Module, int]] = {}
         self._flops: dict[tuple, float] = {}
         self._told = False  # the CPU time expectation is said once
@@ -243,6 +247,9 @@ class Predictor:
                 yield Progress(info["tiles"], info["tiles"], "finish", "writing the result")
                 t_tiled = time.perf_counter()
                 result = sink.finish()
+                t_finished = time.perf_counter()
+                pieces = self._keep_largest(result)
+                t_postprocess = time.perf_counter() - t_finished
             except BaseException:  # cancel (GeneratorExit) included: leave nothing behind
                 sink.abort()
                 raise
@@ -251,10 +258,11 @@ class Predictor:
         t_end = time.perf_counter()
         stages = info.pop("stages")
         stages["prepare"] = t_prepared - t0  # checks, reorientation, normalisation, resampling
-        stages["finish"] = t_end - t_tiled  # the last planes, resampling back, stored order
+        stages["postprocess"] = t_postprocess  # the card's keep_largest
+        stages["finish"] = t_end - t_tiled - t_postprocess  # last planes, resampling back, order
         stages["other"] = t_end - t0 - sum(stages.values())  # fallbacks' lost passes, yields
         result.info = {
-            **work.info, **result.info, **info, "seconds": round(t_end - t0, 3),
+            **work.info, **result.info, **info, **pieces, "seconds": round(t_end - t0, 3),
             "stages": {k: round(v, 3) for k, v in stages.items()},
         }  # fmt: skip
         if (
@@ -268,6 +276,17 @@ class Predictor:
         if not self.keep_uncertainty:  # computed for the scores only
             result.uncertainty = None
         return result
+
+    def _keep_largest(self, result: SegmentationResult) -> dict:
+        """The card's ``keep_largest`` post-processing on in-memory labels (a streamed zarr
+        result is left as written); the info it adds."""
+        groups = getattr(self.card, "keep_largest", None)
+        if not groups or not self.keep_largest:
+            return {}
+        if not isinstance(result.labels, np.ndarray):
+            return {"keep_largest": {"groups": groups, "skipped": "streamed result"}}
+        removed = keep_largest_pieces(result.labels, groups)
+        return {"keep_largest": {"groups": groups, "voxels_removed": removed}}
 
     def _reorientation(self, image, affine, out) -> geometry.Reorientation | None:
         """How to bring ``image`` to the card's orientation, or None (already there / unknown)."""
