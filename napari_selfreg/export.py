@@ -436,6 +436,8 @@ def monai_inference_config(card, net: nn.Module) -> dict[str, Any]:
     post = [
         *([{"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image", "nearest_interp": False, "to_tensor": True}] if spatial else []),
         {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+        *({"_target_": "KeepLargestConnectedComponentd", "keys": "pred", "applied_labels": list(group), "independent": False, "connectivity": 3}
+          for group in card.keep_largest or []),  # the card's keep_largest, as our predictor does
         {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg", "output_ext": ".nii.gz",
          "output_dtype": "$numpy.uint8", "resample": False, "separate_folder": False, "print_log": False},
     ]  # fmt: skip

@@ -63,7 +63,7 @@ def trained(tmp_path_factory) -> ModelBundle:
         options={"channels": [4, 8, 16], "num_classes": 3, "in_channels": 1},
         class_names=["background", "outer", "inner"], normalization=SPEC,
         patch_size=[16, 16, 16], spacing=[1.0, 1.0, 1.0], orientation="RAS",
-        description="tiny test model",
+        keep_largest=[[1, 2]], description="tiny test model",
     )  # fmt: skip
     return load_model(save_model(net.eval(), card, tmp_path_factory.mktemp("m") / "tiny"))
 
@@ -224,3 +224,21 @@ def test_brain_card_test_patch_comes_from_mni152(trained):
     patch = export.example_patch(card, trained.network)
     assert patch.shape == (1, 16, 16, 16) and export.is_brain_model(card)
     assert abs(float(patch.std()) - 1) < 1  # normalised over the whole template
+
+
+def test_monai_keep_largest_transform_equals_our_post_processing():
+    """The bundle's ``KeepLargestConnectedComponentd`` does what the predictor's
+    ``keep_largest`` does (the union of a group's classes, 26-connected)."""
+    from monai.transforms import KeepLargestConnectedComponent
+    from scipy import ndimage
+
+    from napari_selfreg.inference.outputs import keep_largest_pieces
+
+    rng = np.random.default_rng(0)
+    labels = ndimage.zoom(rng.integers(0, 4, (6, 6, 6)), 4, order=0).astype(np.uint8)
+    labels[rng.random(labels.shape) < 0.02] = 1  # specks: pieces of their own
+    ours = labels.copy()
+    removed = keep_largest_pieces(ours, [[1, 2]])
+    monai = KeepLargestConnectedComponent(applied_labels=[1, 2], independent=False, connectivity=3)
+    theirs = np.asarray(monai(torch.from_numpy(labels[None])))[0]
+    assert removed > 0 and np.array_equal(ours, theirs)
