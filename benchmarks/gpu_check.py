@@ -16,13 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine_info  # benchmarks/machine.py
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
-
-from napari_selfreg import data  # noqa: E402
-from napari_selfreg.inference import Predictor  # noqa: E402
-from napari_selfreg.training.metrics import volume_dice  # noqa: E402
+from napari_selfreg import data
+from napari_selfreg.inference import Predictor
+from napari_selfreg.training.metrics import volume_dice
 
 
 def timed_segment(predictor: Predictor, image, affine, runs: int):

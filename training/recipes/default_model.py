@@ -183,8 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.replace:
         print(f"{args.out} exists; pass --replace to publish over it", file=sys.stderr)
         return 2
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    trained = args.workdir / "trained"
     command = "python training/recipes/default_model.py " + " ".join(sys.argv[1:])
     if args.publish:  # trained elsewhere: its own training record, this recipe's card
         record = load_model(args.publish).card.training
@@ -192,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         report = publish(args.publish, args.out, float(record.get("wall_minutes", 0.0)), command, args.init, extra)  # fmt: skip
         print(json.dumps(report, indent=2))
         return 0
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    trained = args.workdir / "trained"
     if args.finish:  # the finished model, else the best checkpoint so far
         source = trained if trained.exists() else checkpoint_dir(trained) / "best"
     else:
