@@ -156,7 +156,12 @@ def test_extend_classes_keeps_predictions_and_starts_new_classes_below_backgroun
     assert torch.equal(new.argmax(1), old.argmax(1))
 
 
-def test_a_linear_probe_fits_the_new_class_rows_first():
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_a_linear_probe_fits_the_new_class_rows_first(device):
+    """The probe runs on ``device`` and leaves the network where it was."""
     torch.manual_seed(0)
     base = models.build("unet3d", 1, 3, channels=(8, 16, 32)).eval()
     image, truth = make_phantom(SHAPE, 4, seed=100)
@@ -172,8 +177,9 @@ def test_a_linear_probe_fits_the_new_class_rows_first():
     with torch.no_grad():
         before = net(x)[0]
     assert not (before.argmax(0) == 3).any()  # extend_classes alone: the class starts absent
-    recall = probe_new_classes(net, case, 3, (24, 24, 24))
+    recall = probe_new_classes(net, case, 3, (24, 24, 24), device=torch.device(device))
     assert set(recall) == {3} and recall[3] > 0.2, recall
+    assert next(net.parameters()).device.type == "cpu"
     with torch.no_grad():
         after = net(x)[0]
     found = after.argmax(0).numpy() == 3

@@ -130,8 +130,8 @@ def probe_new_classes(
         labels.append(patch_labels[keep].to(device))
     network.train(was_training).to(home)
     f, y = torch.cat(feats, 1).T, torch.cat(labels)  # (N, C), (N,)
-    weight = head.weight.detach().view(total, -1).float()
-    bias = head.bias.detach().float()
+    weight = head.weight.detach().view(total, -1).float().to(device)
+    bias = head.bias.detach().float().to(device)
     fixed = f @ weight[:old].T + bias[:old]  # the old classes' logits
     new_w = weight[old:].clone().requires_grad_(True)
     new_b = bias[old:].clone().requires_grad_(True)
