@@ -34,16 +34,34 @@ def slice_scores(uncertainty) -> list[np.ndarray]:
 
 
 def rank_slices(
-    scores: Sequence[float] | np.ndarray, exclude: Sequence[int] = (), top: int = 10
+    scores: Sequence[float] | np.ndarray,
+    exclude: Sequence[int] = (),
+    top: int = 10,
+    spacing: int = 0,
 ) -> list[tuple[int, float]]:
     """The ``top`` slices by score, highest first, as ``(index, score / best score)``;
-    slices in ``exclude`` (already reviewed) and slices scoring 0 are left out."""
+    slices in ``exclude`` (already reviewed) and slices scoring 0 are left out, and so is
+    a slice closer than ``spacing`` to one listed before it or to an excluded one
+    (neighbouring slices look alike: the list then points at other places)."""
     values = np.asarray(scores, dtype=np.float64)
-    order = [int(i) for i in np.argsort(-values, kind="stable") if values[i] > 0]
-    skip = {int(i) for i in exclude}
-    order = [i for i in order if i not in skip][: max(0, int(top))]
+    taken = [int(i) for i in exclude]
+    skip = set(taken)
+    order: list[int] = []
+    for i in np.argsort(-values, kind="stable"):
+        i = int(i)
+        if len(order) >= max(0, int(top)) or values[i] <= 0:
+            break
+        if i in skip or any(abs(i - j) < spacing for j in taken):
+            continue
+        order.append(i)
+        taken.append(i)
     best = float(values[order[0]]) if order else 1.0
     return [(i, float(values[i]) / best) for i in order]
+
+
+def suggestion_spacing(n_slices: int) -> int:
+    """Spacing of suggested slices: a twentieth of the stack (at least 1)."""
+    return max(1, int(n_slices) // 20)
 
 
 def reviewed_slices(reviewed: np.ndarray | None, axis: int) -> list[int]:

@@ -175,6 +175,7 @@ class FinetuneWidget(QWidget):
         )
         self.freeze = QComboBox()
         self.freeze.addItems(FREEZE)
+        self.freeze.setCurrentText(defaults.freeze)
         self.freeze.setToolTip(
             "none: train everything; encoder: train the decoder only; "
             "stage:k: train encoder blocks from the k-th on"
@@ -403,7 +404,7 @@ class FinetuneWidget(QWidget):
     # ------------------------------------------------------------------ check next
     def update_next_slices(self, event=None) -> None:
         """List the least sure slices along the current view's axis, not yet reviewed."""
-        from ..review import rank_slices, reviewed_slices
+        from ..review import rank_slices, reviewed_slices, suggestion_spacing
 
         self.next_slices.clear()
         layer = self.labels_picker.layer()
@@ -413,7 +414,8 @@ class FinetuneWidget(QWidget):
             self.next_slices.addItem("(segment a volume and view it in 2D)")
             return
         done = reviewed_slices(layer.metadata.get(REVIEWED_KEY), axis)
-        for index, score in rank_slices(scores[axis], exclude=done, top=8):
+        spacing = suggestion_spacing(len(scores[axis]))
+        for index, score in rank_slices(scores[axis], exclude=done, top=8, spacing=spacing):
             self.next_slices.addItem(f"slice {index} along axis {axis}  (uncertainty {score:.2f})")
             self.next_slices.item(self.next_slices.count() - 1).setData(_TARGET, (axis, index))
 
