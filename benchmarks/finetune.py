@@ -20,8 +20,7 @@ the volume's affine), then segments the whole volume again.
   whole volume (>= 0.85).
 * ``two rounds``: 3 slices, fine-tune, re-segment, 3 more slices (the first 3 kept),
   fine-tune again; the 3 more are the top of the "where to correct next" list the
-  widget shows after round 1 (``two rounds fixed``: the 3 slices between the first 3,
-  which leaves the neck below all reviewed slices, where the error is luck);
+  widget shows after round 1 (``two rounds fixed``: the 3 slices between the first 3);
   measure: the error on slices untouched in both rounds (round 2 not worse than
   round 1).
 
