@@ -49,7 +49,7 @@ def rank_slices(
     order: list[int] = []
     for i in np.argsort(-values, kind="stable"):
         i = int(i)
-        if len(order) >= max(0, int(top)) or values[i] <= 0:
+        if len(order) >= max(0, int(top)) or not values[i] > 0:  # NaN sorts last: out too
             break
         if i in skip or any(abs(i - j) < spacing for j in taken):
             continue

@@ -129,6 +129,7 @@ def test_slice_scores_come_in_the_stored_order_and_rank_uncertain_slices():
     scores = [0.0, 1.0, 9.0, 8.0, 7.0, 2.0, 6.0, 0.5]  # neighbours of a peak score high too
     assert [i for i, _ in rank_slices(scores, spacing=2)] == [2, 4, 6]
     assert [i for i, _ in rank_slices(scores, exclude=[3], spacing=2)] == [6, 1]
+    assert [i for i, _ in rank_slices([np.nan, 2.0, 1.0])] == [1, 2]  # a NaN score is left out
     reviewed = np.zeros((4, 3, 3), bool)
     reviewed[2, 1, 1] = True
     assert reviewed_slices(reviewed, 0) == [2] and reviewed_slices(None, 0) == []
