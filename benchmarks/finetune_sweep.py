@@ -64,9 +64,8 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
-def run_one(variant: str, seed: int, args, work: Path) -> dict:
+def run_one(variant: str, seed: int, args, out: Path) -> dict:
     pairs = [] if variant == "defaults" else variant.split()
-    out = work / f"{abs(hash((variant, seed)))}.json"
     cmd = [sys.executable, str(HERE / "finetune.py"), "--threads", str(args.threads), "--base", args.base,
            "--only", *args.only, "--out", str(out), "--set", *pairs, *args.set, f"seed={seed}"]  # fmt: skip
     t0 = time.perf_counter()
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.parallel) as pool:
-        futures = [pool.submit(run_one, v, s, args, work) for v, s in jobs]
+        futures = [pool.submit(run_one, v, s, args, work / f"run-{i}.json") for i, (v, s) in enumerate(jobs)]  # fmt: skip
         for future in as_completed(futures):
             run = future.result()
             runs.append(run)
