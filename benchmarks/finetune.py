@@ -213,7 +213,8 @@ def scenario_rounds(
     else:
         second = slices[1::2]
     labels2 = pred1.copy()
-    labels2[reviewed[0]] = labels[reviewed[0]]  # what was reviewed stays as the user left it
+    known = reviewed[0] != 0  # the review map of round 1; its corrections stay corrections
+    labels2[known] = labels[known]  # what was reviewed stays as the user left it
     changed = labels2 != pred1
     labels2[:, :, second] = truth[:, :, second]
     changed |= labels2 != pred1

@@ -20,7 +20,9 @@ from napari_selfreg.training import (
     train,
 )
 from napari_selfreg.training.finetune import (
+    CORRECTED,
     NEW_CLASS_LOGIT_OFFSET,
+    REVIEWED,
     edit_axis,
     encoder_stages,
     extend_classes,
@@ -299,6 +301,28 @@ def test_unreviewed_labels_do_not_change_what_is_learned(tmp_path):
     assert not all(torch.equal(wc[k], wd[k]) for k in wc)
 
 
+def test_corrections_of_earlier_rounds_stay_corrections(tmp_path):
+    base = tiny_base(tmp_path)
+    image, labels = make_phantom((16, 20, 18), 3, seed=0)
+    first, second = np.zeros(labels.shape, bool), np.zeros(labels.shape, bool)
+    first[5, 3:9, 4:10] = True
+    second[12, 2:6, 2:6] = True
+    cfg = FinetuneConfig(iterations=3, seconds_budget=None, precision="fp32", augment=False)
+    maps = []
+    finetune(base, image, labels, first, cfg, tmp_path / "r1", on_reviewed=maps.append)
+    np.testing.assert_array_equal(maps[0] == CORRECTED, first)
+    assert (maps[0] == REVIEWED).sum() == 20 * 18 - first.sum()  # the rest of slice 5
+    two = finetune(base, image, labels, second, cfg, tmp_path / "r2", reviewed=maps[0], on_reviewed=maps.append)  # fmt: skip
+    np.testing.assert_array_equal(maps[1] == CORRECTED, first | second)
+    np.testing.assert_array_equal(maps[1] != 0, np.isin(np.arange(16), [5, 12])[:, None, None] & np.ones(labels.shape, bool))  # fmt: skip
+    assert load_model(two).card.training["finetune"]["corrected_voxels"] == (first | second).sum()
+    # a plain mask of reviewed voxels (any value but 0) carries no corrections: it learns otherwise
+    plain = finetune(base, image, labels, second, cfg, tmp_path / "m", reviewed=np.where(maps[0] != 0, 255, 0))  # fmt: skip
+    assert load_model(plain).card.training["finetune"]["corrected_voxels"] == second.sum()
+    w2, wm = load_model(two).network.state_dict(), load_model(plain).network.state_dict()
+    assert not all(torch.equal(w2[k], wm[k]) for k in w2)
+
+
 def test_scribbles_learn_only_what_is_painted_and_name_new_classes(tmp_path):
     base = tiny_base(tmp_path)
     image, truth = make_phantom((16, 20, 18), 3, seed=1)
@@ -313,7 +337,7 @@ def test_scribbles_learn_only_what_is_painted_and_name_new_classes(tmp_path):
     card = load_model(new).card
     assert card.class_names == ["background", "c1", "c2", "lesion"]
     assert len(card.class_colors) == 4 and card.class_colors[3].startswith("#")
-    np.testing.assert_array_equal(seen[0], scribbles != 0)
+    np.testing.assert_array_equal(seen[0], np.where(scribbles != 0, CORRECTED, 0))
     record = card.training["finetune"]
     assert record["painted_voxels"] == record["reviewed_voxels"] == int((scribbles != 0).sum())
     with pytest.raises(LabelError, match="scribbles are empty"):

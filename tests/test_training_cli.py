@@ -41,13 +41,25 @@ def test_train_then_segment_then_finetune(folders, capsys):
     new = folders / "model-ft"
     args = ["finetune", "--model", str(model), "--image", str(image),
             "--labels", str(folders / "labels" / "c0.nii.gz"), "--out", str(new),
-            "--iterations", "2", "--precision", "fp32", "--threads", "1"]  # fmt: skip
+            "--iterations", "2", "--precision", "fp32", "--threads", "1",
+            "--save-reviewed", str(folders / "review1.nii.gz")]  # fmt: skip
     assert main(args) == 0
     out, err = capsys.readouterr()
     assert out.strip() == str(new)
-    assert "finetune" in err and "total " in err
+    assert "finetune" in err and "total " in err and "wrote the review map" in err
     assert {p.name: p.read_bytes() for p in model.iterdir()} == base_files
     assert load_model(new).card.parent == str(model)
+    # round 2 from the new model: round 1's review map comes back, its corrections kept
+    review1 = np.asarray(nib.load(folders / "review1.nii.gz").dataobj)
+    assert set(np.unique(review1)) <= {0, 1, 2} and (review1 == 2).any()
+    second = folders / "model-ft2"
+    args[args.index("--model") + 1], args[args.index("--out") + 1] = str(new), str(second)
+    args[-1] = str(folders / "review2.nii.gz")
+    assert main([*args, "--reviewed", str(folders / "review1.nii.gz")]) == 0
+    review2 = np.asarray(nib.load(folders / "review2.nii.gz").dataobj)
+    assert (review2[review1 == 2] == 2).all() and (review2[review1 != 0] != 0).all()
+    corrected = load_model(second).card.training["finetune"]["corrected_voxels"]
+    assert corrected == int((review2 == 2).sum()) >= int((review1 == 2).sum())
 
 
 def test_split_from_reuses_the_saved_split(folders):

@@ -187,6 +187,7 @@ def test_rounds_keep_what_was_reviewed_and_list_slices_to_check(qtbot, segmented
     assert finetune.job.outcome == "returned", messages
     reviewed = labels.metadata[REVIEWED_KEY]
     assert reviewed[[5, 12]].all() and not reviewed[[0, 8, 19]].any()
+    assert (reviewed == 2).any() and set(np.unique(reviewed)) <= {0, 1, 2}  # corrections kept
     assert "1. tiny-ft" in finetune.rounds.text() and "tiny → tiny-ft" in finetune.rounds.text()
     listed = [finetune.next_slices.item(i).text() for i in range(finetune.next_slices.count())]
     assert not any(t.startswith(("slice 5 ", "slice 12 ")) for t in listed)  # reviewed: skipped
@@ -197,6 +198,13 @@ def test_rounds_keep_what_was_reviewed_and_list_slices_to_check(qtbot, segmented
     np.testing.assert_array_equal(second.data[[5, 12]], phantom[1][[5, 12]])
     np.testing.assert_array_equal(second.metadata[REVIEWED_KEY], reviewed)
     assert finetune.labels_picker.layer() is second
+    # painting slice 8 in round 2 adds it as reviewed; round 1's corrections stay corrections
+    viewer.dims.set_current_step(0, 8)
+    second.data[8] = phantom[1][8]
+    second.events.paint(value=[])
+    review = finetune.reviewed_mask(second)
+    assert (review[8] == 1).all()
+    np.testing.assert_array_equal(review[[5, 12]], reviewed[[5, 12]])
 
 
 def test_scribbles_train_on_painted_voxels_only(qtbot, segmented, phantom):

@@ -132,9 +132,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     ft.add_argument("--labels", required=True, help="corrected label file (or scribbles with --sparse)")  # fmt: skip
     ft.add_argument("--out", default=None, help="new model folder (default: user models/<model>-ft)")  # fmt: skip
     ft.add_argument("--changed", default=None, help="mask file of corrected voxels (default: labels != the model's prediction)")  # fmt: skip
-    ft.add_argument("--reviewed", default=None, help="mask file of voxels reviewed in earlier rounds (kept as truth)")  # fmt: skip
+    ft.add_argument("--reviewed", default=None, help="review map of earlier rounds, as --save-reviewed wrote it (0 unknown, 1 reviewed, 2 corrected; any other value reviewed): kept as truth, its corrections stay corrections")  # fmt: skip
     ft.add_argument("--review-axis", type=int, default=None, choices=[0, 1, 2], help="array axis you painted along (slices along it count as reviewed)")  # fmt: skip
-    ft.add_argument("--save-reviewed", default=None, help="write the reviewed voxels of this round (for --reviewed next round)")  # fmt: skip
+    ft.add_argument("--save-reviewed", default=None, help="write the review map of the rounds so far (for --reviewed next round)")  # fmt: skip
     ft.add_argument("--sparse", action="store_true", help="the labels are scribbles: 0 unknown, background painted as --background-value")  # fmt: skip
     ft.add_argument("--background-value", type=int, default=d.background_value, help=f"scribble value of background (default {d.background_value})")  # fmt: skip
     ft.add_argument("--iterations", type=int, default=d.iterations, help=f"optimiser steps (default {d.iterations})")  # fmt: skip
@@ -254,8 +254,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     labels = read_volume(args.labels)
     masks = {}
     for name, path in (("changed", args.changed), ("reviewed", args.reviewed)):
-        if path:
-            masks[name] = np.asarray(read_volume(path).data) != 0
+        if path:  # changed: a mask; reviewed: the review map --save-reviewed wrote
+            data = np.asarray(read_volume(path).data)
+            masks[name] = data != 0 if name == "changed" else data
     for name, data in (("labels", labels.data), *masks.items()):
         if np.shape(data) != image.shape:
             raise TrainingError(
@@ -287,10 +288,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
 
-    def save_reviewed(region: np.ndarray) -> None:
+    def save_reviewed(review: np.ndarray) -> None:
         if args.save_reviewed:
-            written = write_labels(args.save_reviewed, region.astype(np.uint8), reference=image)
-            print(f"wrote reviewed voxels {written}", file=sys.stderr)
+            written = write_labels(args.save_reviewed, review, reference=image)
+            print(f"wrote the review map {written} (1 reviewed, 2 corrected)", file=sys.stderr)
 
     gen = iter_finetune(
         args.model, image.data, labels.data, masks.get("changed"), config, args.out,

@@ -37,6 +37,7 @@ from .loop import Trainer
 from .setup import check_classes
 
 NEW_CLASS_LOGIT_OFFSET = 4.0  # a new class starts at e^-4 (1.8 %) of background's odds
+REVIEWED, CORRECTED = 1, 2  # values of a review map (0: unknown)
 
 
 def extend_classes(network: nn.Module, card_options: dict[str, Any], arch: str, num_classes: int):
@@ -281,6 +282,14 @@ def reviewed_region(
     return region
 
 
+def review_map(reviewed: np.ndarray, corrected: np.ndarray) -> np.ndarray:
+    """uint8 ``(*S)`` kept between rounds: 0 unknown, ``REVIEWED``, ``CORRECTED`` (a
+    reviewed voxel the user changed, in this round or an earlier one)."""
+    out = np.asarray(reviewed, dtype=bool).astype(np.uint8)
+    out[np.asarray(corrected, dtype=bool)] = CORRECTED
+    return out
+
+
 def loss_weights(
     changed: np.ndarray, reviewed: np.ndarray, corrected_weight: float, unreviewed_weight: float
 ) -> np.ndarray:
@@ -393,13 +402,16 @@ def iter_finetune(
             the base model's prediction (scribbles: the painted voxels).
         config: settings (:class:`FinetuneConfig`).
         out: new model folder; None: ``<user models>/<base>-ft`` (``-ft-v2`` ... when taken).
-        reviewed: bool ``(*S)``, voxels reviewed in earlier rounds (kept as truth).
+        reviewed: the review map of earlier rounds (:func:`review_map`; a bool mask
+            counts as reviewed, none corrected): kept as truth, and its corrections stay
+            corrections (their weight, patches centred on them), so a later round does
+            not unlearn them in favour of its own.
         review_axis: the axis the user painted along (napari's slider axis); None:
             the axis whose few slices hold the changes.
         affine: voxel-to-world matrix of the volume: it is brought to the model's
             orientation and spacing (from its card) before training.
-        on_reviewed: called with the reviewed voxels (bool, stored order) before
-            training, so a caller can keep them for the next round.
+        on_reviewed: called with the review map of the rounds so far (uint8, stored
+            order) before training, so a caller can pass it to the next round.
 
     Raises:
         LabelError: labels with values the model lacks (use ``label_map`` or
@@ -419,6 +431,10 @@ def iter_finetune(
             raise LabelError(
                 f"the mask of {name} voxels has shape {np.shape(mask)}, the labels {labels.shape}"
             )
+    earlier = None
+    if reviewed is not None:  # any value but 0 is reviewed; CORRECTED stays a correction
+        reviewed = np.asarray(reviewed)
+        earlier = np.where(reviewed == CORRECTED, CORRECTED, reviewed != 0).astype(np.uint8)
     if cfg.sparse:
         painted = labels != 0
         if not painted.any():
@@ -428,22 +444,22 @@ def iter_finetune(
             )
         labels = check_labels(np.where(labels == cfg.background_value, 0, labels), "the scribbles", cfg.label_map)  # fmt: skip
         changed = painted
-        region = painted | (
-            np.zeros_like(painted) if reviewed is None else np.asarray(reviewed, bool)
-        )
+        region = painted if earlier is None else painted | (earlier > 0)
     else:
         labels = check_labels(labels, "the corrected labels", cfg.label_map)
         if changed_mask is None:
             changed = yield from _changed_against_prediction(bundle, image, labels, cfg, affine)
         else:
             changed = np.asarray(changed_mask, dtype=bool)
-        if not changed.any() and reviewed is None:
+        if not changed.any() and earlier is None:
             raise LabelError(
                 "no voxel was corrected: the labels equal the model's prediction; paint corrections first"
             )
-        region = reviewed_region(changed, review_axis, reviewed)
+        region = reviewed_region(changed, review_axis, None if earlier is None else earlier > 0)
+        if earlier is not None:
+            changed = changed | (earlier == CORRECTED)
     if on_reviewed is not None:
-        on_reviewed(region)
+        on_reviewed(review_map(region, changed))
     network = copy.deepcopy(bundle.network).float()
     class_names, class_colors = list(card.class_names), list(card.class_colors)
     top = int(labels.max()) if labels.size else 0

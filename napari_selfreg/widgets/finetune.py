@@ -12,7 +12,8 @@ Two ways to teach the model:
 The widget passes *copies* of image and labels to the training code (your layer is
 never modified), draws the loss and the Dice on the reviewed voxels live, and saves
 a new model version. Rounds: "Segment with new model" re-segments the image; the new
-labels layer keeps what you reviewed in earlier rounds, and the widget lists the
+labels layer keeps what you reviewed in earlier rounds (and your corrections there
+still count as corrections, so a round does not unlearn them), and the widget lists the
 chain of versions with each round's Dice. "Check next" lists the slices where the
 model is least sure (its uncertainty, summed per slice along the current view's axis);
 a click goes there.
@@ -60,7 +61,7 @@ from .segment import MODEL_KEY, PREDICTION_KEY, SLICE_SCORES_KEY
 
 FREEZE = ("none", "encoder", "stage:1", "stage:2", "stage:3")
 MODES = ("corrections", "scribbles")
-REVIEWED_KEY = "selfreg_reviewed"  # labels metadata: bool mask of the voxels reviewed so far
+REVIEWED_KEY = "selfreg_reviewed"  # labels metadata: review map of the rounds so far (uint8)
 PAINT_AXES_KEY = "selfreg_paint_axes"  # labels metadata: array axes painted along
 PAINT_SLICES_KEY = "selfreg_paint_slices"  # labels metadata: {axis: slices painted on}
 SCRIBBLES_KEY = "selfreg_scribbles"  # labels metadata: True for a scribble layer
@@ -77,7 +78,7 @@ def finetune_job(
     options: dict[str, Any],
 ) -> Generator[Any, None, tuple[Path, np.ndarray]]:
     """Worker body: run ``iter_finetune`` on copies; returns the new model folder and the
-    voxels reviewed so far."""
+    review map of the rounds so far (0 unknown, 1 reviewed, 2 corrected)."""
     from ..training.finetune import iter_finetune
 
     reviewed: list[np.ndarray] = []
@@ -305,17 +306,18 @@ class FinetuneWidget(QWidget):
         self._count_changes()
 
     def reviewed_mask(self, layer) -> np.ndarray | None:
-        """Voxels reviewed before this round plus every slice painted on (None: none)."""
+        """The review map of earlier rounds (their corrections kept) plus every slice
+        painted on, as reviewed (None: none)."""
         known = layer.metadata.get(REVIEWED_KEY)
         slices = layer.metadata.get(PAINT_SLICES_KEY, {})
         if known is None and not slices:
             return None
-        mask = np.zeros(np.shape(layer.data), bool) if known is None else np.array(known, bool)
+        review = np.zeros(np.shape(layer.data), np.uint8) if known is None else np.array(known, np.uint8)  # fmt: skip
         for axis, indices in slices.items():
-            index = [slice(None)] * mask.ndim
-            index[int(axis)] = [i for i in indices if 0 <= i < mask.shape[int(axis)]]
-            mask[tuple(index)] = True
-        return mask
+            index = [slice(None)] * review.ndim
+            index[int(axis)] = [i for i in indices if 0 <= i < review.shape[int(axis)]]
+            review[tuple(index)] = np.maximum(review[tuple(index)], 1)
+        return review
 
     def _count_changes(self) -> None:
         layer = self.labels_picker.layer()
@@ -337,7 +339,7 @@ class FinetuneWidget(QWidget):
             return
         mask = self.changed_mask()
         reviewed = layer.metadata.get(REVIEWED_KEY)
-        earlier = "" if reviewed is None else f" {int(np.sum(reviewed)):,} voxels reviewed in earlier rounds stay truth."  # fmt: skip
+        earlier = "" if reviewed is None else f" {np.count_nonzero(reviewed):,} voxels reviewed in earlier rounds stay truth, their corrections corrections."  # fmt: skip
         if mask is None:
             self.changed_line.setText(
                 "No prediction is stored with these labels: the corrected voxels will be "
@@ -563,10 +565,10 @@ class FinetuneWidget(QWidget):
         carry["segment"].segmented.disconnect(self._carry_reviewed)
         if np.shape(layer.data) != np.shape(carry["labels"]):
             return
-        reviewed = np.asarray(carry["reviewed"], bool)
+        reviewed = np.asarray(carry["reviewed"]) != 0
         layer.data[reviewed] = carry["labels"][reviewed]
         layer.metadata[PREDICTION_KEY] = np.array(layer.data, copy=True)
-        layer.metadata[REVIEWED_KEY] = reviewed
+        layer.metadata[REVIEWED_KEY] = carry["reviewed"]
         layer.metadata[PAINT_AXES_KEY] = list(carry["axes"])
         layer.refresh()
         self.labels_picker.set_layer(layer)
