@@ -202,7 +202,7 @@ def test_rounds_keep_what_was_reviewed_and_list_slices_to_check(qtbot, segmented
     viewer.dims.set_current_step(0, 8)
     second.data[8] = phantom[1][8]
     second.events.paint(value=[])
-    review = finetune.reviewed_mask(second)
+    review = finetune.review_map(second)
     assert (review[8] == 1).all()
     np.testing.assert_array_equal(review[[5, 12]], reviewed[[5, 12]])
 

@@ -305,7 +305,7 @@ class FinetuneWidget(QWidget):
             slices[axis] = sorted(set(slices.get(axis, [])) | {index})
         self._count_changes()
 
-    def reviewed_mask(self, layer) -> np.ndarray | None:
+    def review_map(self, layer) -> np.ndarray | None:
         """The review map of earlier rounds (their corrections kept) plus every slice
         painted on, as reviewed (None: none)."""
         known = layer.metadata.get(REVIEWED_KEY)
@@ -339,7 +339,7 @@ class FinetuneWidget(QWidget):
             return
         mask = self.changed_mask()
         reviewed = layer.metadata.get(REVIEWED_KEY)
-        earlier = "" if reviewed is None else f" {np.count_nonzero(reviewed):,} voxels reviewed in earlier rounds stay truth, their corrections corrections."  # fmt: skip
+        earlier = "" if reviewed is None else f" {np.count_nonzero(reviewed):,} voxels reviewed in earlier rounds stay truth, and their corrections keep their weight."  # fmt: skip
         if mask is None:
             self.changed_line.setText(
                 "No prediction is stored with these labels: the corrected voxels will be "
@@ -482,7 +482,7 @@ class FinetuneWidget(QWidget):
         settings = self.settings()
         axes = labels_layer.metadata.get(PAINT_AXES_KEY, [])
         options = {
-            "reviewed": None if settings["sparse"] else self.reviewed_mask(labels_layer),
+            "reviewed": None if settings["sparse"] else self.review_map(labels_layer),
             "review_axis": axes[0] if len(axes) == 1 else self.view_axis(labels_layer),
             "affine": layer_ras_affine(image_layer) if np.ndim(image) == 3 else None,
         }
