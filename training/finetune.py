@@ -431,10 +431,10 @@ def iter_finetune(
             raise LabelError(
                 f"the mask of {name} voxels has shape {np.shape(mask)}, the labels {labels.shape}"
             )
-    earlier = None
+    earlier_reviewed = earlier_corrected = None  # from the review map of earlier rounds
     if reviewed is not None:  # any value but 0 is reviewed; CORRECTED stays a correction
         reviewed = np.asarray(reviewed)
-        earlier = np.where(reviewed == CORRECTED, CORRECTED, reviewed != 0).astype(np.uint8)
+        earlier_reviewed, earlier_corrected = reviewed != 0, reviewed == CORRECTED
     if cfg.sparse:
         painted = labels != 0
         if not painted.any():
@@ -444,20 +444,20 @@ def iter_finetune(
             )
         labels = check_labels(np.where(labels == cfg.background_value, 0, labels), "the scribbles", cfg.label_map)  # fmt: skip
         changed = painted
-        region = painted if earlier is None else painted | (earlier > 0)
+        region = painted if earlier_reviewed is None else painted | earlier_reviewed
     else:
         labels = check_labels(labels, "the corrected labels", cfg.label_map)
         if changed_mask is None:
             changed = yield from _changed_against_prediction(bundle, image, labels, cfg, affine)
         else:
             changed = np.asarray(changed_mask, dtype=bool)
-        if not changed.any() and earlier is None:
+        if not changed.any() and earlier_reviewed is None:
             raise LabelError(
                 "no voxel was corrected: the labels equal the model's prediction; paint corrections first"
             )
-        region = reviewed_region(changed, review_axis, None if earlier is None else earlier > 0)
-        if earlier is not None:
-            changed = changed | (earlier == CORRECTED)
+        region = reviewed_region(changed, review_axis, earlier_reviewed)
+        if earlier_corrected is not None:
+            changed = changed | earlier_corrected
     if on_reviewed is not None:
         on_reviewed(review_map(region, changed))
     network = copy.deepcopy(bundle.network).float()
