@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,7 @@ from napari_selfreg.training import (
     iter_finetune,
     train,
 )
+from napari_selfreg.training.config import LATER_ROUND_UNREVIEWED_WEIGHT
 from napari_selfreg.training.finetune import (
     CORRECTED,
     NEW_CLASS_LOGIT_OFFSET,
@@ -321,6 +324,34 @@ def test_corrections_of_earlier_rounds_stay_corrections(tmp_path):
     assert load_model(plain).card.training["finetune"]["corrected_voxels"] == second.sum()
     w2, wm = load_model(two).network.state_dict(), load_model(plain).network.state_dict()
     assert not all(torch.equal(w2[k], wm[k]) for k in w2)
+
+
+def test_a_later_round_keeps_the_last_prediction_where_nobody_looked(tmp_path):
+    base = tiny_base(tmp_path)
+    image, labels = make_phantom((16, 20, 18), 3, seed=0)
+    changed = np.zeros(labels.shape, bool)
+    changed[5, 3:9, 4:10] = True
+    cfg = FinetuneConfig(iterations=2, seconds_budget=None, precision="fp32", augment=False)
+    maps = []
+    one = finetune(base, image, labels, changed, cfg, tmp_path / "r1", on_reviewed=maps.append)
+    assert load_model(one).card.training["finetune"]["unreviewed_weight"] == 0.0
+    other = labels.copy()
+    other[[8, 9, 10, 14, 15]] = 2  # another prediction in slices nobody reviewed
+    again = np.zeros(labels.shape, bool)
+    again[12, 2:6, 2:6] = True
+    runs = {}
+    for name, lab, weight in (("a", labels, None), ("b", other, None), ("c", labels, 0.0), ("d", other, 0.0)):  # fmt: skip
+        later = dataclasses.replace(cfg, unreviewed_weight=weight)
+        runs[name] = finetune(one, image, lab, again, later, tmp_path / name, reviewed=maps[0])
+    record = load_model(runs["a"]).card.training["finetune"]
+    assert record["unreviewed_weight"] == LATER_ROUND_UNREVIEWED_WEIGHT > 0
+    weights = {k: load_model(v).network.state_dict() for k, v in runs.items()}
+    assert not all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert all(torch.equal(weights["c"][k], weights["d"][k]) for k in weights["c"])
+    # scribbles have no prediction to keep: unpainted voxels stay unknown in every round
+    assert FinetuneConfig(sparse=True).unreviewed_weight_for(later_round=True) == 0.0
+    with pytest.raises(TrainingError, match="unpainted voxels unknown"):
+        FinetuneConfig(sparse=True, unreviewed_weight=0.1)
 
 
 def test_scribbles_learn_only_what_is_painted_and_name_new_classes(tmp_path):

@@ -17,7 +17,14 @@ from typing import Any
 
 from napari_selfreg.jobs import ProgressPrinter, drain
 
-from .config import BATCHNORM_STATISTICS, PRESETS, FinetuneConfig, TrainConfig, TrainingError
+from .config import (
+    BATCHNORM_STATISTICS,
+    LATER_ROUND_UNREVIEWED_WEIGHT,
+    PRESETS,
+    FinetuneConfig,
+    TrainConfig,
+    TrainingError,
+)
 
 
 def _label_map(text: str | None) -> dict[int, int] | None:
@@ -143,7 +150,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     ft.add_argument("--freeze", default=d.freeze, help="none, encoder or stage:K")
     ft.add_argument("--batchnorm", default=d.batchnorm, choices=BATCHNORM_STATISTICS, help=f"BatchNorm running statistics: estimated anew through the final weights, or PyTorch's exponential average during training (default {d.batchnorm})")  # fmt: skip
     ft.add_argument("--corrected-weight", type=float, default=d.corrected_weight, help=f"loss weight of corrected voxels (other reviewed voxels 1; default {d.corrected_weight:g})")  # fmt: skip
-    ft.add_argument("--unreviewed-weight", type=float, default=d.unreviewed_weight, help="loss weight of voxels nobody reviewed (default 0: unknown)")  # fmt: skip
+    ft.add_argument("--unreviewed-weight", type=float, default=None, help=f"loss weight of voxels nobody reviewed, where the labels hold the model's prediction (default 0: unknown; with --reviewed, a later round, {LATER_ROUND_UNREVIEWED_WEIGHT:g}: keeps what earlier rounds taught)")  # fmt: skip
     ft.add_argument("--lambda-scr", type=float, default=d.lambda_scr)
     ft.add_argument("--lambda-ifd", type=float, default=d.lambda_ifd)
     ft.add_argument("--extend-classes", action="store_true", help="add classes for new label values")  # fmt: skip

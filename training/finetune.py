@@ -481,7 +481,8 @@ def iter_finetune(
             "reviewed": (region, 0),
         },  # fmt: skip
     )
-    weight = loss_weights(grid["changed"], grid["reviewed"], cfg.corrected_weight, cfg.unreviewed_weight)  # fmt: skip
+    unreviewed_weight = cfg.unreviewed_weight_for(later_round=earlier_reviewed is not None)
+    weight = loss_weights(grid["changed"], grid["reviewed"], cfg.corrected_weight, unreviewed_weight)  # fmt: skip
     case = case_from_arrays(
         grid["image"], grid["labels"], grid["changed"], name="corrected",
         normalization=card.normalization, weight=weight,
@@ -544,6 +545,9 @@ def iter_finetune(
     work = temporary_path(target, "finetune", keep_suffix=False)
     work.mkdir()
     record = {**_asdict(cfg), f"{what}_voxels": n_changed, "reviewed_voxels": n_reviewed, **moved}
+    record["unreviewed_weight"] = (
+        unreviewed_weight  # the weight used, also when the round chose it
+    )
     if probed:  # new class -> its recall on the known voxels after the linear probe
         record["linear_probe_recall"] = {class_names[k]: v for k, v in probed.items()}
     trainer = Trainer(

@@ -44,7 +44,7 @@ from qtpy.QtWidgets import (
 if TYPE_CHECKING:
     import napari
 
-from ..training.config import SCRIBBLE_BACKGROUND, FinetuneConfig
+from ..training.config import LATER_ROUND_UNREVIEWED_WEIGHT, SCRIBBLE_BACKGROUND, FinetuneConfig
 from ._common import (
     JobPanel,
     LayerPicker,
@@ -185,7 +185,8 @@ class FinetuneWidget(QWidget):
         self.corrected_weight.setRange(1.0, 100.0)
         self.corrected_weight.setValue(defaults.corrected_weight)
         self.corrected_weight.setToolTip(
-            "Loss weight of the voxels you corrected (other reviewed voxels: 1, unreviewed: 0)"
+            "Loss weight of the voxels you corrected (other reviewed voxels: 1; unreviewed: 0 "
+            f"in a first round, {LATER_ROUND_UNREVIEWED_WEIGHT:g} in later rounds)"
         )
         self.seconds = QSpinBox()
         self.seconds.setRange(0, 24 * 3600)
@@ -339,7 +340,7 @@ class FinetuneWidget(QWidget):
             return
         mask = self.changed_mask()
         reviewed = layer.metadata.get(REVIEWED_KEY)
-        earlier = "" if reviewed is None else f" {np.count_nonzero(reviewed):,} voxels reviewed in earlier rounds stay truth, and their corrections keep their weight."  # fmt: skip
+        earlier = "" if reviewed is None else f" {np.count_nonzero(reviewed):,} voxels reviewed in earlier rounds stay truth, and their corrections keep their weight; the rest keeps this layer's labels at weight {LATER_ROUND_UNREVIEWED_WEIGHT:g}."  # fmt: skip
         if mask is None:
             self.changed_line.setText(
                 "No prediction is stored with these labels: the corrected voxels will be "
