@@ -204,6 +204,7 @@ def test_rounds_keep_what_was_reviewed_and_list_slices_to_check(qtbot, segmented
     second.events.paint(value=[])
     review = finetune.review_map(second)
     assert (review[8] == 1).all()
+    assert "the rest keeps this layer's labels at weight 0.1" in finetune.changed_line.text()
     np.testing.assert_array_equal(review[[5, 12]], reviewed[[5, 12]])
 
 
