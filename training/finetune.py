@@ -405,7 +405,9 @@ def iter_finetune(
         reviewed: the review map of earlier rounds (:func:`review_map`; a bool mask
             counts as reviewed, none corrected): kept as truth, and its corrections stay
             corrections (their weight, patches centred on them), so a later round does
-            not unlearn them in favour of its own.
+            not unlearn them in favour of its own. Given it, the round is a later one:
+            by default the unreviewed voxels' labels (the last model's prediction) are
+            taught lightly (:meth:`FinetuneConfig.unreviewed_weight_for`).
         review_axis: the axis the user painted along (napari's slider axis); None:
             the axis whose few slices hold the changes.
         affine: voxel-to-world matrix of the volume: it is brought to the model's
@@ -545,9 +547,8 @@ def iter_finetune(
     work = temporary_path(target, "finetune", keep_suffix=False)
     work.mkdir()
     record = {**_asdict(cfg), f"{what}_voxels": n_changed, "reviewed_voxels": n_reviewed, **moved}
-    record["unreviewed_weight"] = (
-        unreviewed_weight  # the weight used, also when the round chose it
-    )
+    # the weight used, also when the round chose it
+    record["unreviewed_weight"] = unreviewed_weight
     if probed:  # new class -> its recall on the known voxels after the linear probe
         record["linear_probe_recall"] = {class_names[k]: v for k, v in probed.items()}
     trainer = Trainer(
