@@ -373,6 +373,9 @@ def test_scribbles_learn_only_what_is_painted_and_name_new_classes(tmp_path):
     assert record["painted_voxels"] == record["reviewed_voxels"] == int((scribbles != 0).sum())
     with pytest.raises(LabelError, match="scribbles are empty"):
         finetune(base, image, np.zeros_like(scribbles), None, cfg, tmp_path / "e")
+    # a review map's unpainted voxels would be learnt as background: refused
+    with pytest.raises(LabelError, match="scribbles take no review map"):
+        finetune(new, image, scribbles, None, cfg, tmp_path / "r", reviewed=seen[0] | 1)
 
 
 def test_volume_reaches_the_model_orientation_and_spacing():

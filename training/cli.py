@@ -139,7 +139,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     ft.add_argument("--labels", required=True, help="corrected label file (or scribbles with --sparse)")  # fmt: skip
     ft.add_argument("--out", default=None, help="new model folder (default: user models/<model>-ft)")  # fmt: skip
     ft.add_argument("--changed", default=None, help="mask file of corrected voxels (default: labels != the model's prediction)")  # fmt: skip
-    ft.add_argument("--reviewed", default=None, help="review map of earlier rounds, as --save-reviewed wrote it (0 unknown, 1 reviewed, 2 corrected; any other value reviewed): kept as truth, its corrections stay corrections")  # fmt: skip
+    ft.add_argument("--reviewed", default=None, help="review map of earlier rounds, as --save-reviewed wrote it (0 unknown, 1 reviewed, 2 corrected; any other value reviewed): kept as truth, its corrections stay corrections; not with --sparse, whose earlier rounds stay in the scribble layer")  # fmt: skip
     ft.add_argument("--review-axis", type=int, default=None, choices=[0, 1, 2], help="array axis you painted along (slices along it count as reviewed)")  # fmt: skip
     ft.add_argument("--save-reviewed", default=None, help="write the review map of the rounds so far (for --reviewed next round)")  # fmt: skip
     ft.add_argument("--sparse", action="store_true", help="the labels are scribbles: 0 unknown, background painted as --background-value")  # fmt: skip

@@ -417,7 +417,8 @@ def iter_finetune(
 
     Raises:
         LabelError: labels with values the model lacks (use ``label_map`` or
-            ``extend_classes``), of another shape, or with nothing corrected or painted.
+            ``extend_classes``), of another shape, with nothing corrected or painted, or
+            scribbles with a review map.
     """
     cfg = config or FinetuneConfig()
     if cfg.num_threads:
@@ -433,6 +434,8 @@ def iter_finetune(
             raise LabelError(
                 f"the mask of {name} voxels has shape {np.shape(mask)}, the labels {labels.shape}"
             )
+    if cfg.sparse and reviewed is not None:  # its unpainted voxels would be learnt as background
+        raise LabelError("scribbles take no review map: their earlier rounds stay painted in the scribble layer itself")  # fmt: skip
     earlier_reviewed = earlier_corrected = None  # from the review map of earlier rounds
     if reviewed is not None:  # any value but 0 is reviewed; CORRECTED stays a correction
         reviewed = np.asarray(reviewed)
@@ -446,7 +449,7 @@ def iter_finetune(
             )
         labels = check_labels(np.where(labels == cfg.background_value, 0, labels), "the scribbles", cfg.label_map)  # fmt: skip
         changed = painted
-        region = painted if earlier_reviewed is None else painted | earlier_reviewed
+        region = painted
     else:
         labels = check_labels(labels, "the corrected labels", cfg.label_map)
         if changed_mask is None:
