@@ -112,6 +112,7 @@ def scenario_corrections(base, image, truth, affine, base_pred, work, **settings
         "slices": slices, "seconds": round(seconds, 1), **steps(new),
         "outside_ml_before": round(before, 1), "outside_ml_after": round(after, 1),
         "error_drop_pct": round(100 * (1 - after / max(before, 1e-9)), 1),
+        "brain_lost_ml_after": round(float(((pred[region] == 0) & (truth[region] > 0)).sum()) / 1000, 1),
         "gm_wm_before": [round(dice(base_pred[region], truth[region], c), 4) for c in (1, 2)],
         "gm_wm_after": [round(dice(pred[region], truth[region], c), 4) for c in (1, 2)],
     }  # fmt: skip
@@ -131,6 +132,8 @@ def scenario_new_class(base, image, truth, codes, affine, base_pred, work, **set
         "new_class_dice": round(dice(pred[region], target[region], 3), 4),
         "outside_ml_before": round(outside_ml(base_pred, truth, region), 1),
         "brain_tissue_outside_ml_after": round(float(((pred[region] == 1) | (pred[region] == 2))[truth[region] == 0].sum()) / 1000, 1),
+        "brain_as_new_class_ml_after": round(float((pred[region] == 3)[codes[region] == H.BRAIN].sum()) / 1000, 1),
+        "gm_wm_after": [round(dice(pred[region], truth[region], c), 4) for c in (1, 2)],
         **{f"{k}_before": v for k, v in tissue_split(base_pred, truth, codes, region).items()},
         **{f"{k}_after": v for k, v in tissue_split(pred, truth, codes, region).items()},
         "class_names": load_model(new).card.class_names,
@@ -234,12 +237,15 @@ def scenario_rounds(
 def measure(name: str, r: dict) -> tuple[str, str]:
     """The scenario's measure and its target, as text."""
     if name == "corrections":
-        return (
-            f"error {r['outside_ml_before']} -> {r['outside_ml_after']} ml (-{r['error_drop_pct']} %)",
-            "-90 %",
+        lost = f"; brain lost {r['brain_lost_ml_after']} ml" if "brain_lost_ml_after" in r else ""
+        error = (
+            f"{r['outside_ml_before']} -> {r['outside_ml_after']} ml (-{r['error_drop_pct']} %)"
         )
+        return f"error {error}{lost}", "-90 %"
     if name == "new class":
         split = f"; tissue outside the brain {r['outside_brain_ml_after']} ml" if "outside_brain_ml_after" in r else ""  # fmt: skip
+        if "brain_as_new_class_ml_after" in r:
+            split += f"; brain labelled the new class {r['brain_as_new_class_ml_after']} ml"
         return f"Dice {r['new_class_dice']}{split}", ">= 0.85"
     if name == "scribbles":
         return (

@@ -32,9 +32,10 @@ HERE = Path(__file__).resolve().parent
 def measures(name: str, r: dict) -> dict[str, float]:
     """The numbers a scenario is judged by (as ``finetune.measure`` prints them)."""
     if name == "corrections":
-        return {"error_drop_pct": r["error_drop_pct"]}
+        return {"error_drop_pct": r["error_drop_pct"], "brain_lost_ml_after": r.get("brain_lost_ml_after", float("nan"))}  # fmt: skip
     if name == "new class":
-        return {"new_class_dice": r["new_class_dice"], "outside_brain_ml_after": r.get("outside_brain_ml_after", float("nan"))}  # fmt: skip
+        keys = ("outside_brain_ml_after", "brain_as_new_class_ml_after")
+        return {"new_class_dice": r["new_class_dice"], **{k: r.get(k, float("nan")) for k in keys}}
     if name == "scribbles":
         return {"gm_dice": r["gm_wm_after"][0], "wm_dice": r["gm_wm_after"][1]}
     return {"round1_ml": r["outside_ml"][1], "round2_ml": r["outside_ml"][2], "round2_not_worse": float(r["outside_ml"][2] <= r["outside_ml"][1])}  # fmt: skip
