@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -50,7 +51,9 @@ def _correct(labels, phantom_labels):
     return int((labels.data != labels.metadata[PREDICTION_KEY]).sum())
 
 
-def test_finetune_two_iterations_lists_the_new_model(qtbot, segmented, phantom, tiny_model):
+def test_finetune_two_iterations_lists_the_new_model(
+    qtbot, segmented, phantom, tiny_model, tmp_path
+):
     viewer, segment, finetune, image, labels, messages = segmented
     changed = _correct(labels, phantom[1])
     assert changed > 0
@@ -80,6 +83,9 @@ def test_finetune_two_iterations_lists_the_new_model(qtbot, segmented, phantom, 
     assert [i for i, _ in finetune.curves.dice][:2] == [1, 2], finetune.curves.dice
     assert all(0 <= d <= 1 for _, d in finetune.curves.dice)
     assert finetune.segment_button.isEnabled()
+    # a class the round has not learnt on the reviewed voxels is named, with what to do
+    low = [k for k, v in card.metrics["patch_dice"].items() if k != "background" and v is not None and v < 0.5]  # fmt: skip
+    assert ("Not learnt yet" in finetune.result_line.text()) == bool(low)
 
     with qtbot.waitSignal(segment.segmented, timeout=WAIT_MS) as blocker:
         finetune.segment_button.click()
@@ -88,6 +94,16 @@ def test_finetune_two_iterations_lists_the_new_model(qtbot, segmented, phantom, 
     assert resegmented.data.shape == image.data.shape
     assert segment.model_picker.model_path() == new
     assert labels in viewer.layers and len(viewer.layers) == 3
+    # a class the round did not learn on the reviewed voxels, here put in its card
+    weak = tmp_path / "weak"
+    shutil.copytree(new, weak)
+    data = json.loads((weak / "model.json").read_text())
+    data["metrics"]["patch_dice"] = {"background": 0.9, card.class_names[1]: 0.18, card.class_names[2]: 0.8}  # fmt: skip
+    (weak / "model.json").write_text(json.dumps(data))
+    finetune._on_trained((weak, labels.metadata["selfreg_reviewed"]))
+    text = finetune.result_line.text()
+    assert f"Not learnt yet on the voxels you reviewed: {card.class_names[1]} (0.18)." in text
+    assert card.class_names[2] not in text.split("Not learnt yet")[1]
 
 
 def test_cancel_stops_finetuning(qtbot, segmented, phantom, selfreg_home):

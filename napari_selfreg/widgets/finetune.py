@@ -66,6 +66,7 @@ PAINT_AXES_KEY = "selfreg_paint_axes"  # labels metadata: array axes painted alo
 PAINT_SLICES_KEY = "selfreg_paint_slices"  # labels metadata: {axis: slices painted on}
 SCRIBBLES_KEY = "selfreg_scribbles"  # labels metadata: True for a scribble layer
 SCRIBBLE_GREY = "#9a9a9a"
+UNLEARNT_DICE = 0.5  # a class under this Dice on the reviewed voxels is not learnt yet
 _TARGET = Qt.ItemDataRole.UserRole  # list item data: (axis, slice index)
 
 
@@ -526,6 +527,13 @@ class FinetuneWidget(QWidget):
         text = f"Saved {card.name} (fine-tuned from {parent})"
         if score is not None:
             text += f", Dice {score:.3f} on the voxels you reviewed (sampled patches)"
+        per_class = dice if isinstance(dice, dict) else {}
+        low = [f"{k} ({v:.2f})" for k, v in per_class.items() if k.lower() != "background" and v is not None and v < UNLEARNT_DICE]  # fmt: skip
+        if low:  # underfit where the user already said what is what: more steps help
+            text += (
+                f". Not learnt yet on the voxels you reviewed: {', '.join(low)}. Segment with "
+                "new model and fine-tune again (the next round starts from it), or raise Iterations"
+            )
         self.result_line.setText(text + ". Segment lists it now.")
         self.result_line.setToolTip(str(self.new_model))
         seconds = card.training.get("seconds")
