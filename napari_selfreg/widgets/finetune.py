@@ -531,8 +531,8 @@ class FinetuneWidget(QWidget):
         low = [f"{k} ({v:.2f})" for k, v in per_class.items() if k.lower() != "background" and v is not None and v < UNLEARNT_DICE]  # fmt: skip
         if low:  # underfit where the user already said what is what: more steps help
             text += (
-                f". Not learnt yet on the voxels you reviewed: {', '.join(low)}. Segment with "
-                "new model and fine-tune again (the next round starts from it), or raise Iterations"
+                f". Not learnt yet on the voxels you reviewed: {', '.join(low)}. Raise "
+                "Iterations and fine-tune again, or run another round from the new model"
             )
         self.result_line.setText(text + ". Segment lists it now.")
         self.result_line.setToolTip(str(self.new_model))
