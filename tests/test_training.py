@@ -29,6 +29,7 @@ from napari_selfreg.training.augment import Augmenter
 from napari_selfreg.training.checkpoint import flatten_optimizer, unflatten_optimizer
 from napari_selfreg.training.datasets import PatchSampler, apply_split, make_split
 from napari_selfreg.training.loop import Trainer, poly_lr
+from napari_selfreg.training.metrics import unlearnt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "selfreg_home")
 
@@ -135,6 +136,12 @@ def test_split_is_seeded_and_single_case_gives_a_slab():
 
 
 # --------------------------------------------------------------------- patches
+
+
+def test_unlearnt_names_foreground_classes_under_half():
+    dice = {"background": 0.1, "grey matter": 0.18, "white matter": 0.5, "lesion": None}
+    assert unlearnt(dice) == ["grey matter (0.18)"]
+    assert unlearnt({"background": 0.9, "a": 0.9}) == []
 
 
 def test_patch_sampler_oversamples_classes_and_focus():

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from napari_selfreg.cli import main
-from napari_selfreg.modelfile import load_model
+from napari_selfreg.modelfile import load_model, read_card
+from napari_selfreg.training.metrics import unlearnt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "selfreg_home")
 
@@ -47,6 +48,9 @@ def test_train_then_segment_then_finetune(folders, capsys):
     out, err = capsys.readouterr()
     assert out.strip() == str(new)
     assert "finetune" in err and "total " in err and "wrote the review map" in err
+    low = unlearnt(read_card(new).metrics["patch_dice"])  # named in one line, if any
+    assert ("not learnt yet on the voxels you reviewed" in err) == bool(low)
+    assert all(name in err for name in low)
     assert {p.name: p.read_bytes() for p in model.iterdir()} == base_files
     assert load_model(new).card.parent == str(model)
     # round 2 from the new model: round 1's review map comes back, its corrections kept

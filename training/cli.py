@@ -254,8 +254,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     import numpy as np
 
     from napari_selfreg.io import read_volume, write_labels
+    from napari_selfreg.modelfile import read_card
 
     from .finetune import iter_finetune
+    from .metrics import unlearnt
 
     image = read_volume(args.image)
     labels = read_volume(args.labels)
@@ -305,7 +307,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         reviewed=masks.get("reviewed"), review_axis=args.review_axis,
         affine=image.affine if image.ndim == 3 else None, on_reviewed=save_reviewed,
     )  # fmt: skip
-    print(_drain(gen, "finetune", args.quiet))
+    path = _drain(gen, "finetune", args.quiet)
+    low = unlearnt((read_card(path).metrics or {}).get("patch_dice") or {})
+    if low:
+        print(f"napari-selfreg: not learnt yet on the voxels you reviewed: {', '.join(low)}; "
+              "raise --iterations, or run another round from the new model", file=sys.stderr)  # fmt: skip
+    print(path)
     return 0
 
 

@@ -45,6 +45,16 @@ def mean_foreground(dice: list[float | None]) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
+UNLEARNT_DICE = 0.5
+"""A class under this Dice on the voxels a user reviewed is not learnt by the fine-tune."""
+
+
+def unlearnt(dice: dict[str, float | None]) -> list[str]:
+    """``"name (0.18)"`` for each class but background under :data:`UNLEARNT_DICE`: the
+    round underfits where the user said what is what, and more steps help."""
+    return [f"{k} ({v:.2f})" for k, v in dice.items() if k.lower() != "background" and v is not None and v < UNLEARNT_DICE]  # fmt: skip
+
+
 def named(dice: list[float | None], class_names: list[str]) -> dict[str, float | None]:
     """``{class name: dice}``."""
     return {name: (None if d is None else round(d, 5)) for name, d in zip(class_names, dice)}  # noqa: B905

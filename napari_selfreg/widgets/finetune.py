@@ -66,7 +66,6 @@ PAINT_AXES_KEY = "selfreg_paint_axes"  # labels metadata: array axes painted alo
 PAINT_SLICES_KEY = "selfreg_paint_slices"  # labels metadata: {axis: slices painted on}
 SCRIBBLES_KEY = "selfreg_scribbles"  # labels metadata: True for a scribble layer
 SCRIBBLE_GREY = "#9a9a9a"
-UNLEARNT_DICE = 0.5  # a class under this Dice on the reviewed voxels is not learnt yet
 _TARGET = Qt.ItemDataRole.UserRole  # list item data: (axis, slice index)
 
 
@@ -514,6 +513,7 @@ class FinetuneWidget(QWidget):
         self.new_model = Path(path)
         announce_model(self.new_model)
         from ..modelfile import read_card
+        from ..training.metrics import unlearnt
 
         labels = getattr(self, "_labels_layer", None)
         if labels is not None and labels in self.viewer.layers:
@@ -527,9 +527,8 @@ class FinetuneWidget(QWidget):
         text = f"Saved {card.name} (fine-tuned from {parent})"
         if score is not None:
             text += f", Dice {score:.3f} on the voxels you reviewed (sampled patches)"
-        per_class = dice if isinstance(dice, dict) else {}
-        low = [f"{k} ({v:.2f})" for k, v in per_class.items() if k.lower() != "background" and v is not None and v < UNLEARNT_DICE]  # fmt: skip
-        if low:  # underfit where the user already said what is what: more steps help
+        low = unlearnt(dice) if isinstance(dice, dict) else []
+        if low:
             text += (
                 f". Not learnt yet on the voxels you reviewed: {', '.join(low)}. Raise "
                 "Iterations and fine-tune again, or run another round from the new model"
