@@ -11,6 +11,7 @@ from qtpy.QtCore import QPoint
 from qtpy.QtWidgets import QLabel, QScrollArea, QScrollBar, QWidget
 
 from napari_selfreg.modelfile import read_card
+from napari_selfreg.training.metrics import unlearnt
 from napari_selfreg.widgets.segment import PREDICTION_KEY
 
 pytestmark = pytest.mark.gui
@@ -84,8 +85,9 @@ def test_finetune_two_iterations_lists_the_new_model(
     assert all(0 <= d <= 1 for _, d in finetune.curves.dice)
     assert finetune.segment_button.isEnabled()
     # a class the round has not learnt on the reviewed voxels is named, with what to do
-    low = [k for k, v in card.metrics["patch_dice"].items() if k != "background" and v is not None and v < 0.5]  # fmt: skip
+    low = unlearnt(card.metrics["patch_dice"])
     assert ("Not learnt yet" in finetune.result_line.text()) == bool(low)
+    assert all(name in finetune.result_line.text() for name in low)
 
     with qtbot.waitSignal(segment.segmented, timeout=WAIT_MS) as blocker:
         finetune.segment_button.click()
