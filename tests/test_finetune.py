@@ -21,7 +21,7 @@ from napari_selfreg.training import (
     iter_finetune,
     train,
 )
-from napari_selfreg.training.config import LATER_ROUND_UNREVIEWED_WEIGHT
+from napari_selfreg.training.config import FINETUNE_ITERATIONS, LATER_ROUND_UNREVIEWED_WEIGHT
 from napari_selfreg.training.finetune import (
     CORRECTED,
     NEW_CLASS_LOGIT_OFFSET,
@@ -121,6 +121,7 @@ def test_finetune_writes_a_new_version_and_leaves_the_base_alone(tmp_path):
     card = load_model(first).card
     assert card.parent == str(base)
     assert card.training["finetune"]["corrected_voxels"] == int((labels != pred).sum())
+    assert card.training["finetune"]["iterations"] == card.training["iterations_done"] == 2
     assert events[-1].kind == "done" and events[-1].model_path == first
     assert sorted(p.name for p in first.parent.iterdir()) == ["tiny-ft", "tiny-ft-v2"]
 
@@ -430,6 +431,16 @@ def test_a_model_file_that_is_not_ours(tmp_path):
     image, labels = make_phantom((16, 16, 16), 3, seed=0)
     with pytest.raises(ModelFileError, match="not a napari-selfreg model"):
         finetune(bogus, image, labels, config=FinetuneConfig(iterations=1))
+
+
+def test_steps_default_to_the_device():
+    assert FinetuneConfig().iterations is None
+    assert FinetuneConfig().iterations_for("cpu") == FINETUNE_ITERATIONS["cpu"] == 100
+    assert FinetuneConfig().iterations_for("cuda") == FINETUNE_ITERATIONS["cuda"] == 300
+    assert FinetuneConfig().iterations_for("mps") == 100  # a device without its own default
+    assert FinetuneConfig(iterations=7).iterations_for("cuda") == 7
+    with pytest.raises(TrainingError, match="at least 1"):
+        FinetuneConfig(iterations=0)
 
 
 def test_learning_rate_defaults_to_the_kind_of_labels():

@@ -10,7 +10,9 @@ import pytest
 from qtpy.QtCore import QPoint
 from qtpy.QtWidgets import QLabel, QScrollArea, QScrollBar, QWidget
 
+from napari_selfreg.device import resolve_device
 from napari_selfreg.modelfile import read_card
+from napari_selfreg.training import FinetuneConfig
 from napari_selfreg.training.metrics import unlearnt
 from napari_selfreg.widgets.segment import PREDICTION_KEY
 
@@ -62,6 +64,8 @@ def test_finetune_two_iterations_lists_the_new_model(
     finetune.image_picker.set_layer(image)
     finetune.labels_picker.set_layer(labels)
     assert finetune.model_picker.model_path() == tiny_model
+    device = resolve_device("auto").type  # the default fits the device the round runs on
+    assert finetune.iterations.value() == FinetuneConfig().iterations_for(device)
     finetune.iterations.setValue(2)
     finetune.seconds.setValue(0)
     finetune.augment.setChecked(False)

@@ -502,9 +502,9 @@ def iter_finetune(
         patch = (int(size),) * 3 if isinstance(size, int) else tuple(int(s) for s in size)
     # a small input suffices to trace which parameters each encoder stage uses
     probe = patch if "img_size" in card.options else tuple(min(p, 32) for p in patch)
-    probed = {}
+    device, probed = resolve_device(cfg.device), {}
+    iterations = cfg.iterations_for(device.type)
     if len(class_names) > card.num_classes:
-        device = resolve_device(cfg.device)
         dtype = resolve_precision(cfg.precision, device)
         probed = probe_new_classes(network, case, card.num_classes, patch, cfg.seed, device, dtype)
     n_changed, n_reviewed = int(changed.sum()), int(region.sum())
@@ -518,7 +518,7 @@ def iter_finetune(
         class_names=class_names,
         patch_size=patch,
         batch_size=cfg.batch_size,
-        iterations=cfg.iterations,
+        iterations=iterations,
         max_seconds=cfg.seconds_budget,
         lr=cfg.learning_rate,
         poly_power=cfg.poly_power,
@@ -531,7 +531,7 @@ def iter_finetune(
         focus_fraction=cfg.focus_fraction,
         augment=cfg.augment,
         val_fraction=0.0,
-        val_every=max(1, cfg.iterations // 5),
+        val_every=max(1, iterations // 5),
         keep="last",  # validation runs with BatchNorm statistics still moving
         volume_metrics=False,  # the patches' Dice is the round's measure; saves a segmentation
         patience=0,
@@ -550,8 +550,8 @@ def iter_finetune(
     work = temporary_path(target, "finetune", keep_suffix=False)
     work.mkdir()
     record = {**_asdict(cfg), f"{what}_voxels": n_changed, "reviewed_voxels": n_reviewed, **moved}
-    # the weight used, also when the round chose it
-    record["unreviewed_weight"] = unreviewed_weight
+    # the steps and weight used, also when the round chose them
+    record.update(iterations=iterations, unreviewed_weight=unreviewed_weight)
     if probed:  # new class -> its recall on the known voxels after the linear probe
         record["linear_probe_recall"] = {class_names[k]: v for k, v in probed.items()}
     trainer = Trainer(

@@ -44,7 +44,13 @@ from qtpy.QtWidgets import (
 if TYPE_CHECKING:
     import napari
 
-from ..training.config import LATER_ROUND_UNREVIEWED_WEIGHT, SCRIBBLE_BACKGROUND, FinetuneConfig
+from ..device import resolve_device
+from ..training.config import (
+    FINETUNE_ITERATIONS,
+    LATER_ROUND_UNREVIEWED_WEIGHT,
+    SCRIBBLE_BACKGROUND,
+    FinetuneConfig,
+)
 from ._common import (
     JobPanel,
     LayerPicker,
@@ -153,7 +159,11 @@ class FinetuneWidget(QWidget):
         )
         self.iterations = QSpinBox()
         self.iterations.setRange(1, 100_000)
-        self.iterations.setValue(defaults.iterations)
+        self.iterations.setValue(defaults.iterations_for(resolve_device("auto").type))
+        self.iterations.setToolTip(
+            "Optimiser steps of the round; the default fits about a minute: "
+            + ", ".join(f"{n} on {kind.upper()}" for kind, n in FINETUNE_ITERATIONS.items())
+        )
         self.lr = QDoubleSpinBox()
         self.lr.setDecimals(5)
         self.lr.setRange(1e-5, 1.0)

@@ -60,7 +60,7 @@ class SelfRegSegmentationParameterNode:
     segmentation: vtkMRMLSegmentationNode
     model: str = ""
     scribbles: bool = False
-    iterations: int = 100
+    iterations: int = 0  # 0: the library's default for the device (FINETUNE_ITERATIONS)
 
 
 def dependenciesInstalled() -> bool:
@@ -316,15 +316,15 @@ class SelfRegSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if not self.ensureDependencies():
             return
         node = self._parameterNode
+        steps = f"{node.iterations} steps" if node.iterations else "the device's default steps"
         if not slicer.util.confirmOkCancelDisplay(
             f"Fine-tune a new version of the model on the segments of "
-            f"{node.segmentation.GetName()!r} ({node.iterations} steps)? The base model is "
-            "kept as it is."
+            f"{node.segmentation.GetName()!r} ({steps})? The base model is kept as it is."
         ):
             return
         job = self.logic.iter_finetune(
             node.inputVolume, node.segmentation, self.currentModel(),
-            scribbles=node.scribbles, iterations=node.iterations,
+            scribbles=node.scribbles, iterations=node.iterations or None,
         )  # fmt: skip
         path = self.runJob(job, "Fine-tuning")
         if path is not None:
