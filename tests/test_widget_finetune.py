@@ -14,6 +14,7 @@ from napari_selfreg.device import resolve_device
 from napari_selfreg.modelfile import read_card
 from napari_selfreg.training import FinetuneConfig
 from napari_selfreg.training.metrics import unlearnt
+from napari_selfreg.widgets._curves import mean_foreground_dice
 from napari_selfreg.widgets.segment import PREDICTION_KEY
 
 pytestmark = pytest.mark.gui
@@ -283,3 +284,9 @@ def test_a_full_dock_scrolls_instead_of_clipping_lines(qtbot, segmented, phantom
         assert scroll.verticalScrollBar().isVisible()  # the rows are taller than the window
         assert not scroll.horizontalScrollBar().isVisible()
     assert line.height() >= line.heightForWidth(line.width()) > line.fontMetrics().height()
+
+
+def test_the_curve_plots_the_mean_dice_of_the_classes_after_background():
+    dice = {"background": 0.99, "grey matter": 0.5, "lesion": None, "white matter": 0.7}
+    assert mean_foreground_dice(dice) == pytest.approx(0.6)
+    assert mean_foreground_dice({"background": 0.99, "lesion": None}) is None

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from qtpy.QtWidgets import QVBoxLayout, QWidget
+
+from ..training.metrics import mean_foreground
 
 
 class Curves(QWidget):
@@ -88,6 +89,7 @@ class Curves(QWidget):
 
 
 def mean_foreground_dice(dice: dict[str, float | None]) -> float | None:
-    """Mean Dice of the classes other than background (None when none is known)."""
-    values = [v for k, v in dice.items() if v is not None and k.lower() != "background"]
-    return float(np.mean(values)) if values else None
+    """:func:`training.metrics.mean_foreground` of Dice by class name, background first
+    (None when no other class is known)."""
+    values = list(dice.values())
+    return mean_foreground(values) if any(v is not None for v in values[1:]) else None
