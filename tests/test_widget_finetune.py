@@ -212,6 +212,7 @@ def test_rounds_keep_what_was_reviewed_and_list_slices_to_check(qtbot, segmented
     assert reviewed[[5, 12]].all() and not reviewed[[0, 8, 19]].any()
     assert (reviewed == 2).any() and set(np.unique(reviewed)) <= {0, 1, 2}  # corrections kept
     assert "1. tiny-ft" in finetune.rounds.text() and "tiny → tiny-ft" in finetune.rounds.text()
+    assert ", 2 steps, " in finetune.rounds.text()  # the steps the round took
     listed = [finetune.next_slices.item(i).text() for i in range(finetune.next_slices.count())]
     assert not any(t.startswith(("slice 5 ", "slice 12 ")) for t in listed)  # reviewed: skipped
     # round 2 starts from a layer that keeps the reviewed slices as the user left them

@@ -545,8 +545,9 @@ class FinetuneWidget(QWidget):
             )
         self.result_line.setText(text + ". Segment lists it now.")
         self.result_line.setToolTip(str(self.new_model))
-        seconds = card.training.get("seconds")
-        took = f", {seconds:.0f} s of training" if isinstance(seconds, float | int) else ""
+        seconds, steps = card.training.get("seconds"), card.training.get("iterations_done")
+        took = f", {steps} steps" if isinstance(steps, int) else ""
+        took += f", {seconds:.0f} s of training" if isinstance(seconds, float | int) else ""
         measure = f"Dice {score:.3f} on reviewed voxels" if score is not None else "no Dice"
         self.round_lines.append(f"{len(self.round_lines) + 1}. {card.name}: {measure}{took}")
         chain = " → ".join(model_chain(self.new_model))
