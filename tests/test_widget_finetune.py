@@ -15,6 +15,7 @@ from napari_selfreg.modelfile import read_card
 from napari_selfreg.training import FinetuneConfig
 from napari_selfreg.training.metrics import unlearnt
 from napari_selfreg.widgets._curves import mean_foreground_dice
+from napari_selfreg.widgets.finetune import REVIEWED_KEY
 from napari_selfreg.widgets.segment import PREDICTION_KEY
 
 pytestmark = pytest.mark.gui
@@ -107,7 +108,7 @@ def test_finetune_two_iterations_lists_the_new_model(
     data = json.loads((weak / "model.json").read_text())
     data["metrics"]["patch_dice"] = {"background": 0.9, card.class_names[1]: 0.18, card.class_names[2]: 0.8}  # fmt: skip
     (weak / "model.json").write_text(json.dumps(data))
-    finetune._on_trained((weak, labels.metadata["selfreg_reviewed"]))
+    finetune._on_trained((weak, labels.metadata[REVIEWED_KEY]))
     text = finetune.result_line.text()
     assert f"Not learnt yet on the voxels you reviewed: {card.class_names[1]} (0.18)." in text
     assert card.class_names[2] not in text.split("Not learnt yet")[1]

@@ -19,12 +19,12 @@ from napari_selfreg.jobs import ProgressPrinter, drain
 
 from .config import (
     BATCHNORM_STATISTICS,
-    FINETUNE_ITERATIONS,
     LATER_ROUND_UNREVIEWED_WEIGHT,
     PRESETS,
     FinetuneConfig,
     TrainConfig,
     TrainingError,
+    finetune_iterations_text,
 )
 
 
@@ -145,7 +145,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     ft.add_argument("--save-reviewed", default=None, help="write the review map of the rounds so far (for --reviewed next round)")  # fmt: skip
     ft.add_argument("--sparse", action="store_true", help="the labels are scribbles: 0 unknown, background painted as --background-value")  # fmt: skip
     ft.add_argument("--background-value", type=int, default=d.background_value, help=f"scribble value of background (default {d.background_value})")  # fmt: skip
-    ft.add_argument("--iterations", type=int, default=None, help="optimiser steps (default: " + ", ".join(f"{n} on {k.upper()}" for k, n in FINETUNE_ITERATIONS.items()) + ")")  # fmt: skip
+    ft.add_argument("--iterations", type=int, default=None, help=f"optimiser steps (default: {finetune_iterations_text()})")  # fmt: skip
     ft.add_argument("--seconds", type=float, default=d.seconds_budget, help=f"training time budget in seconds, 0 for none (default {d.seconds_budget:g})")  # fmt: skip
     ft.add_argument("--lr", type=float, default=None, help=f"learning rate (default {d.default_lr(False):g}, with --sparse {d.default_lr(True):g})")  # fmt: skip
     ft.add_argument("--freeze", default=d.freeze, help="none, encoder or stage:K")

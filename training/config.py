@@ -235,6 +235,11 @@ LATER_ROUND_UNREVIEWED_WEIGHT = 0.1
 FINETUNE_ITERATIONS = {"cpu": 100, "cuda": 300}
 
 
+def finetune_iterations_text() -> str:
+    """``FINETUNE_ITERATIONS`` for help texts: ``100 on CPU, 300 on CUDA``."""
+    return ", ".join(f"{n} on {kind.upper()}" for kind, n in FINETUNE_ITERATIONS.items())
+
+
 @dataclass
 class FinetuneConfig:
     """Settings of fine-tuning a model on a user's corrected labels or scribbles.

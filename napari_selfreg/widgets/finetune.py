@@ -46,10 +46,10 @@ if TYPE_CHECKING:
 
 from ..device import resolve_device
 from ..training.config import (
-    FINETUNE_ITERATIONS,
     LATER_ROUND_UNREVIEWED_WEIGHT,
     SCRIBBLE_BACKGROUND,
     FinetuneConfig,
+    finetune_iterations_text,
 )
 from ._common import (
     JobPanel,
@@ -161,8 +161,7 @@ class FinetuneWidget(QWidget):
         self.iterations.setRange(1, 100_000)
         self.iterations.setValue(defaults.iterations_for(resolve_device("auto").type))
         self.iterations.setToolTip(
-            "Optimiser steps of the round; the default fits about a minute: "
-            + ", ".join(f"{n} on {kind.upper()}" for kind, n in FINETUNE_ITERATIONS.items())
+            f"Optimiser steps of the round; the default fits about a minute: {finetune_iterations_text()}"
         )
         self.lr = QDoubleSpinBox()
         self.lr.setDecimals(5)
