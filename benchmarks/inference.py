@@ -159,13 +159,15 @@ def mean_dice(dice: list[float | None]) -> float:
     return float(np.mean([d for d in dice if d is not None]))
 
 
-def bench_volume(name, image, reference, bundle, runs, attribute: bool) -> dict:
+def bench_volume(name, image, reference, bundle, runs, attribute: bool, tile_sweep=()) -> dict:
     """Alternate (a), (b), (c) ``runs`` times after one untimed warm-up of each.
 
     A bf16 GEMM is timed just before each run of (a), so the GEMM share compares
     rates measured under the same machine load. With ``attribute``: where the
     differences come from (precision, MONAI's own tilings) and, with ``reference``
-    labels (None: none), each method's Dice against them.
+    labels (None: none), each method's Dice against them. ``tile_sweep``: edges of
+    cubic tiles to run ours with once each (with ``attribute``), against MONAI both
+    ways, the one pass and the reference: can another tile reach the agreement target?
     """
     tile = tuple(Predictor(bundle, device="cpu").tile)
     jobs = {
@@ -221,6 +223,16 @@ def bench_volume(name, image, reference, bundle, runs, attribute: bool) -> dict:
     if reference is not None:
         for key in ("ours", "monai", "monai_expert"):
             agreement[f"{key}_vs_reference"] = dice_per_class(last[key][0], reference, k)
+    sweep = []
+    for edge in tile_sweep if attribute else ():
+        seconds, labels, swept = run_ours(bundle, image, tile=(edge,) * 3)
+        row = {"tile": edge, "seconds": seconds, "tiles": swept["tiles"]}
+        for key, other in (("monai", monai), ("monai_expert", last["monai_expert"][0]),
+                           ("single_pass", single), ("reference", reference)):  # fmt: skip
+            row[f"vs_{key}"] = (
+                None if other is None else mean_dice(dice_per_class(labels, other, k))
+            )
+        sweep.append(row)
     info = last["ours"][1]
     med = {key: statistics.median(v) for key, v in times.items()}
     return {
@@ -242,6 +254,7 @@ def bench_volume(name, image, reference, bundle, runs, attribute: bool) -> dict:
         "class_fractions_ours": (np.bincount(ours.ravel(), minlength=k) / ours.size)
         .round(4)
         .tolist(),
+        "tile_sweep": sweep,
         "ours_info": info,
         "ours_tiles": info["tiles"],
         "ours_stages_s": info["stages"],
@@ -304,6 +317,8 @@ def main() -> None:
     parser.add_argument("--volumes", nargs="+", default=["mni152", "phantom256"])
     parser.add_argument("--stream-child", nargs=2, metavar=("MODEL", "FOLDER"), help=argparse.SUPPRESS)  # fmt: skip
     parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--tile-sweep", type=int, nargs="*", default=[], metavar="EDGE",
+                        help="also run ours once with cubic tiles of these edges (MNI152 only)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.stream_child:
@@ -322,7 +337,14 @@ def main() -> None:
 
     volumes = {"mni152": lambda: load_mni152()[:2], "phantom256": lambda: (phantom(), None)}
     rows = [
-        bench_volume(v, *volumes[v](), bundle=bundle, runs=args.runs, attribute=v == "mni152")
+        bench_volume(
+            v,
+            *volumes[v](),
+            bundle=bundle,
+            runs=args.runs,
+            attribute=v == "mni152",
+            tile_sweep=args.tile_sweep,
+        )  # fmt: skip
         for v in args.volumes
     ]
     gemm_after = gemm_gflops(torch.bfloat16)
@@ -387,6 +409,10 @@ def print_table(rows, precision, stream, report) -> None:
         for key, a in agree.items():
             per = ", ".join("-" if d is None else f"{d:.4f}" for d in a["per_class"])
             print(f"{'':<11} Dice {key}: mean {a['mean']:.4f} (per class {per})")
+        for row in r["tile_sweep"]:
+            vs = ", ".join(f"{k[3:]} {v:.4f}" for k, v in row.items() if k.startswith("vs_") and v)
+            print(f"{'':<11} ours, tile {row['tile']}^3: {row['seconds']:.1f} s, "
+                  f"{row['tiles']} tiles; mean Dice vs {vs}")  # fmt: skip
         stages = ", ".join(f"{k} {v:.2f}" for k, v in r["ours_stages_s"].items())
         print(f"{'':<11} our stages (s, last run): {stages}")
         print(
