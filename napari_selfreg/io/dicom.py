@@ -126,6 +126,22 @@ def _series_label(headers) -> str:
     return f"'{desc}' (SeriesInstanceUID {ds.get('SeriesInstanceUID', '?')}, {len(headers)} images, first file {headers[0][0].name})"  # fmt: skip
 
 
+ORIENTATION_ATOL = 1e-4  # direction cosines this close belong to one stack
+
+
+def _same_orientation(a, b) -> bool:
+    """Whether two headers' ImageOrientationPatient agree (within ``ORIENTATION_ATOL``)."""
+    oa, ob = a.get("ImageOrientationPatient"), b.get("ImageOrientationPatient")
+    if oa is None or ob is None:
+        return oa is ob
+    try:
+        return bool(
+            np.allclose([float(v) for v in oa], [float(v) for v in ob], atol=ORIENTATION_ATOL)
+        )
+    except (TypeError, ValueError):
+        return False
+
+
 def read_dicom(p: Path, channel: int | None) -> Volume:
     """Read a DICOM folder (one series), a slice with its series, or a multi-frame file."""
     import pydicom
@@ -151,14 +167,13 @@ def read_dicom(p: Path, channel: int | None) -> Volume:
         if int(_num(ds, "NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
             return _read_multiframe(pydicom, p, channel)
         uid = ds.get("SeriesInstanceUID")
-        size = (ds.Rows, ds.Columns, ds.get("ImageOrientationPatient"))
         headers = [(p, ds)]
         if uid and "ImagePositionPatient" in ds:  # a cross-section: gather its series
             siblings = _scan(pydicom, sorted(f for f in p.parent.iterdir() if f != p))
             headers += [
                 (f, d) for f, d in siblings
                 if d.get("SeriesInstanceUID") == uid and "ImagePositionPatient" in d
-                and (d.Rows, d.Columns, d.get("ImageOrientationPatient")) == size
+                and (d.Rows, d.Columns) == (ds.Rows, ds.Columns) and _same_orientation(d, ds)
             ]  # fmt: skip
     seen, unique = set(), []
     for f, ds in headers:  # the same instance may be stored twice (e.g. other transfer syntax)
@@ -223,7 +238,7 @@ def _read_multiframe(pydicom, p: Path, channel: int | None) -> Volume:
 def _stack(slices, pixels, channel, p: Path, header, warn: set[str]) -> Volume:
     """Sort images along the slice normal, pick the channel, stack and build the affine."""
     ori = slices[0].orientation
-    if any(not np.allclose(s.orientation, ori, atol=1e-4) for s in slices):
+    if any(not np.allclose(s.orientation, ori, atol=ORIENTATION_ATOL) for s in slices):
         raise VolumeReadError(f"{p} mixes images of different orientations; open one of its files to read that series alone.")  # fmt: skip
     normal = np.cross(ori[:3], ori[3:])
     if any(s.position is None for s in slices):
@@ -296,10 +311,12 @@ def _add_intercepts(out: np.ndarray, inters: list[int]) -> np.ndarray:
     """Add integer intercepts per slice in the smallest integer dtype that holds the result."""
     lo = int(out.min()) + min(inters)
     hi = int(out.max()) + max(inters)
-    for t in (out.dtype, np.int16, np.int32, np.int64):
+    # an unsigned type cannot hold a negative intercept, even where the sum fits
+    stored = (out.dtype,) if min(inters) >= 0 or out.dtype.kind == "i" else ()
+    for t in (*stored, np.dtype(np.int16), np.dtype(np.int32), np.dtype(np.int64)):
         if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max:
             break
     out = out if out.dtype == t else out.astype(t, order="F")
     for k, inter in enumerate(inters):
-        out[:, :, k] += t.type(inter) if isinstance(t, np.dtype) else t(inter)
+        out[:, :, k] += t.type(inter)
     return out
