@@ -13,6 +13,8 @@ from .volume import _SLAB, Volume, VolumeReadError, _f32, _make_volume, _pick, _
 
 log = logging.getLogger(__name__)
 
+MM_PER_UNIT = {"meter": 1000.0, "micron": 1e-3}  # NIfTI xyz units other than mm (or unknown)
+
 
 def _read_nibabel(p: Path, channel: int | None) -> Volume:
     import nibabel as nib
@@ -50,6 +52,10 @@ def _read_nibabel(p: Path, channel: int | None) -> Volume:
     if fmt.startswith("nifti"):
         extra["sform_code"] = int(img.header["sform_code"])
         extra["qform_code"] = int(img.header["qform_code"])
+        unit = img.header.get_xyzt_units()[0]
+        if unit in MM_PER_UNIT:  # the affine is in the header's unit; ours is in mm
+            affine = _f32(np.diag([MM_PER_UNIT[unit]] * 3 + [1.0]) @ affine)
+            extra["spatial_unit"] = unit
     else:
         affine = _f32(affine)
     return _make_volume(data, affine, p, fmt, img.header, **extra)

@@ -23,7 +23,10 @@ def _nifti_header(reference: Volume | None, affine: np.ndarray):
         return None
     hdr = reference.metadata.get("header")
     if isinstance(hdr, nib.Nifti1Header) and np.array_equal(affine, reference.affine):
-        return hdr.copy()
+        hdr = hdr.copy()
+        if reference.metadata.get("spatial_unit"):  # read in metres or microns: written in mm
+            hdr.set_xyzt_units("mm", hdr.get_xyzt_units()[1])
+        return hdr
     return None
 
 
