@@ -2,7 +2,8 @@
 
 * :func:`temporary_path` - a short hidden name beside the target that carries the
   writer's PID, so a target name of any allowed length still fits, and
-  :func:`clear_stale` can later remove what a killed process left behind;
+  :func:`clear_stale` can later remove what a killed process left behind (once it
+  has not changed for ten minutes: another host's PIDs are not ours to check);
 * :func:`publish` - move a finished temporary file into place atomically, without
   replacing a file that appeared meanwhile (unless told to);
 * :func:`follow_umask` - files get the mode the user's umask gives new files
@@ -21,10 +22,12 @@ import os
 import re
 import secrets
 import shutil
+import time
 from pathlib import Path
 
 PREFIX = ".selfreg-"
 _HELD: set[Path] = set()  # run locks this process holds (a second run in it is refused too)
+STALE_AFTER_S = 600.0  # a dead writer's temporary is removed once it is this old
 _STALE = re.compile(r"^\.selfreg-[a-z]+-(\d+)-[0-9a-f]{6}")
 
 
@@ -54,15 +57,26 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def clear_stale(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporaries in ``folder`` left by processes that no longer run."""
+def clear_stale(folder: str | os.PathLike, min_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the temporaries in ``folder`` left by processes that no longer run.
+
+    A PID names a process only on this machine (and in this container), so a temporary
+    is also left alone until it has not changed for ``min_age_s``: another host writing
+    to a shared folder keeps its file fresh while it writes.
+    """
     folder = Path(folder)
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
+    now = time.time()
     for entry in folder.iterdir():
         match = _STALE.match(entry.name)
         if match is None or pid_alive(int(match.group(1))):
+            continue
+        try:
+            if now - entry.stat().st_mtime < min_age_s:
+                continue
+        except OSError:
             continue
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,14 @@ def test_the_cli_names_resume_after_an_interrupt_and_handles_sigterm(folders, tm
 # ----------------------------------------------------------------------------- segment
 
 
+def left_by_a_killed_run(path: Path, folder: bool = False) -> None:
+    """A temporary of a process that no longer runs, last changed an hour ago."""
+    if not path.exists():
+        path.mkdir() if folder else path.write_bytes(b"partial")
+    hour_ago = time.time() - 3600
+    os.utime(path, (hour_ago, hour_ago))
+
+
 @pytest.fixture
 def scans(tmp_path):
     folder = tmp_path / "scans"
@@ -156,7 +165,7 @@ def scans(tmp_path):
         io.write_volume(folder / f"{name}.nii.gz", rng.normal(size=(20, 20, 20)).astype(np.float32), affine=np.eye(4))  # fmt: skip
     (folder / "b.nii.gz").write_bytes(b"not a volume")  # broken
     (folder / "._a.nii.gz").write_bytes(b"macos resource fork")
-    (folder / ".selfreg-tmp-999999999-abcdef.nii.gz").write_bytes(b"partial")
+    left_by_a_killed_run(folder / ".selfreg-tmp-999999999-abcdef.nii.gz")
     return folder
 
 
@@ -248,6 +257,7 @@ def test_a_killed_finetuning_leaves_nothing_after_the_next_start(tmp_path, tiny_
     leftover = tmp_path / ".selfreg-finetune-999999999-abcdef"  # SIGKILL left it
     leftover.mkdir()
     (leftover / "last").mkdir()
+    left_by_a_killed_run(leftover)
     changed = np.zeros(labels.shape, bool)
     changed[8, 4:8, 4:8] = True
     finetune(tiny_model, image, labels, changed, FinetuneConfig(iterations=1, precision="fp32"), tmp_path / "ft")  # fmt: skip
@@ -356,7 +366,7 @@ def test_the_zarr_output_temporary_is_short_and_found_by_clear_stale(tiny_model,
     made = []
     original = outputs._zarr_outputs
     monkeypatch.setattr(outputs, "_zarr_outputs", lambda path, specs: made.append(path) or original(path, specs))  # fmt: skip
-    (tmp_path / ".selfreg-zarr-999999999-abcdef").mkdir()  # a killed run left it
+    left_by_a_killed_run(tmp_path / ".selfreg-zarr-999999999-abcdef", folder=True)
     image, _ = make_phantom((20, 20, 20), 3, seed=1)
     Predictor(load_model(tiny_model), precision="fp32").segment(image, out=tmp_path / ("o" * 200 + ".zarr"))  # fmt: skip
     assert files._STALE.match(made[0].name) and len(made[0].name) < 50
