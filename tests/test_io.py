@@ -2,9 +2,11 @@
 
 import errno
 import gzip
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -223,6 +225,29 @@ def test_dicom_series_sorted_by_position(tmp_path, orientation):
     assert np.array_equal(one.data, read.data)
 
 
+def test_dicom_unsigned_pixels_with_a_negative_intercept(tmp_path):
+    """A cropped CT: uint16 pixels all above 1024 and RescaleIntercept -1024."""
+    vol = np.random.default_rng(0).integers(1100, 3000, (6, 5, 4)).astype(np.int16)
+    for k in range(4):
+        _dcm(tmp_path / f"IM{k}", vol[:, :, k].T, (0.0, 0.0, 2.0 * k), [*AXIAL[0], *AXIAL[1]],
+             (0.5, 0.5), "1.2.3", "ct", k + 1, PixelRepresentation=0)  # fmt: skip
+    read = read_volume(tmp_path)
+    assert read.data.dtype.kind == "i" and np.array_equal(read.data, vol.astype(int) - 1024)
+
+
+def test_a_dicom_file_reads_the_slices_its_folder_reads(tmp_path):
+    """Direction cosines that differ by rounding (1e-6) still belong to one series."""
+    vol = np.arange(6 * 5 * 6, dtype=np.int16).reshape(6, 5, 6)
+    for k in range(6):
+        jitter = 1e-6 * (k % 2)
+        _dcm(tmp_path / f"IM{k}", vol[:, :, k].T, (0.0, 0.0, 2.0 * k),
+             [1.0 - jitter, jitter, 0.0, 0.0, 1.0, 0.0], (0.5, 0.5), "1.2.3", "ax", k + 1)  # fmt: skip
+    folder = read_volume(tmp_path)
+    one = read_volume(tmp_path / "IM3")
+    assert folder.shape == one.shape == (6, 5, 6)
+    assert np.array_equal(one.data, folder.data)
+
+
 def test_dicom_two_series_and_4d(tmp_path):
     vol = np.ones((6, 5, 3), np.int16)
     _series(tmp_path / "two", vol, uid="1.2.3.4", description="T1 axial")
@@ -381,6 +406,22 @@ def test_round_trip_keeps_shape_and_affine_exactly(tmp_path):
         assert np.allclose(again.data, ref.data / 3)
 
 
+@pytest.mark.parametrize(("unit", "size"), [("meter", 0.0015), ("micron", 1500.0)])
+def test_nifti_units_other_than_mm_are_read_in_mm(tmp_path, unit, size):
+    """xyzt_units says what the affine's numbers are: metres and microns become mm."""
+    affine = np.diag([size, size, 2 * size, 1.0])
+    affine[:3, 3] = [10 * size, 0.0, -size]
+    img = nib.Nifti1Image(np.ones((4, 5, 6), np.int16), affine)
+    img.header.set_xyzt_units(unit, "sec")
+    nib.save(img, tmp_path / "scan.nii.gz")
+    read = read_volume(tmp_path / "scan.nii.gz")
+    assert read.spacing == pytest.approx((1.5, 1.5, 3.0)) and read.metadata["spatial_unit"] == unit
+    assert np.allclose(read.affine[:3, 3], [15.0, 0.0, -1.5])
+    back = read_volume(io.write_labels(tmp_path / "labels.nii.gz", np.ones((4, 5, 6), np.uint8), read))  # fmt: skip
+    assert np.array_equal(back.affine, read.affine)
+    assert back.metadata["header"].get_xyzt_units() == ("mm", "sec")
+
+
 def test_write_dtypes_and_replace(tmp_path):
     affine = np.diag([1.5, 1.5, 1.5, 1.0])
     path = io.write_volume(tmp_path / "b.nii.gz", np.ones((4, 5, 6), bool), affine=affine)
@@ -455,10 +496,15 @@ def test_stale_temporaries_of_dead_processes_are_cleared(tmp_path):
     dead = tmp_path / ".selfreg-tmp-999999999-abcdef.nii.gz"  # no such process
     dead.write_bytes(b"partial")
     (tmp_path / ".selfreg-ckpt-999999999-abcdef").mkdir()
+    fresh = tmp_path / ".selfreg-tmp-999999998-abcdef.nii.gz"  # e.g. another host's, writing
+    fresh.write_bytes(b"being written")
     (tmp_path / "user.nii.gz").write_bytes(b"keep")
+    hour_ago = time.time() - 3600
+    for old in (mine, dead, tmp_path / ".selfreg-ckpt-999999999-abcdef"):
+        os.utime(old, (hour_ago, hour_ago))
     removed = clear_stale(tmp_path)
     assert sorted(p.name for p in removed) == [".selfreg-ckpt-999999999-abcdef", dead.name]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "user.nii.gz"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, fresh.name, "user.nii.gz"])  # fmt: skip
 
 
 # --------------------------------------------------------------------------- napari
