@@ -191,6 +191,16 @@ def stem(path: Path) -> str:
     return name
 
 
+def _pair_image(path: Path) -> bool:
+    """The ``.img`` half of an Analyze / NIfTI pair (its ``.hdr`` is the input)."""
+    name = path.name
+    for img, hdr in ((".img", ".hdr"), (".img.gz", ".hdr.gz")):
+        if name.lower().endswith(img):
+            base = name[: -len(img)]
+            return any((path.parent / (base + h)).is_file() for h in (hdr, hdr.upper()))
+    return False
+
+
 def expand_inputs(inputs: list[str]) -> tuple[list[Path], bool]:
     """Input volumes, and whether the outputs go to a folder.
 
@@ -216,6 +226,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], bool]:
                 and p.name.lower().endswith(READ_SUFFIXES)
                 and not p.name.lower().endswith(DICOM_SUFFIXES)
                 and not stem(p).endswith(OUTPUT_TAGS)
+                and not _pair_image(p)
             ] or [path]
             folder_mode |= volumes != [path]
         found.extend(volumes)

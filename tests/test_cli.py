@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -73,11 +74,15 @@ def test_segment_folder_with_probabilities(tiny_model, scan, tmp_path, capsys):
     data = io.read_volume(scan).data
     io.write_volume(tmp_path / "second.nii", data[::-1].copy(), affine=AFFINE)
     io.write_labels(tmp_path / "old_labels.nii.gz", np.zeros(data.shape, np.uint8), affine=AFFINE)
+    nib.save(nib.Nifti1Pair(data, AFFINE), tmp_path / "pair.hdr")  # pair.hdr + pair.img: one input
     out = tmp_path / "results"
     code, stdout, _ = run(capsys, "segment", tmp_path, "-o", out, "--model", tiny_model,
                           "--probabilities", "--uncertainty", "--tile", 16, "--quiet")  # fmt: skip
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == [
+        "pair_labels.nii.gz",
+        "pair_probabilities.nii.gz",
+        "pair_uncertainty.nii.gz",
         "scan_labels.nii.gz",
         "scan_probabilities.nii.gz",
         "scan_uncertainty.nii.gz",
@@ -87,7 +92,7 @@ def test_segment_folder_with_probabilities(tiny_model, scan, tmp_path, capsys):
     ]  # old_labels.nii.gz (an output of an earlier run) was not segmented
     probs = io.read_volume(out / "scan_probabilities.nii.gz", channel=1)
     assert probs.shape == data.shape
-    assert stdout.count("wrote labels") == 2
+    assert stdout.count("wrote labels") == 3
 
 
 def test_segment_ranks_the_slices_to_correct_next(tiny_model, scan, tmp_path, capsys):
