@@ -35,7 +35,9 @@ SUFFIXES = (
     ".tif",
     ".tiff",
 )
-LABEL_HINT = re.compile(r"(label|seg|mask|parc|aseg|annot)", re.IGNORECASE)
+# a word of the file name that says labels: seg, dseg, mask, labels, aseg, aparc, ...
+# (whole words: brainmask.mgz and T1w_masked are skull-stripped intensities)
+LABEL_WORD = re.compile(r"^(masks?|annot|annotations?|segmentations?|.*seg|.*parc|.*labels?|labelmaps?)$")  # fmt: skip
 META_KEY = (
     "selfreg_volume"  # layer.metadata key with affine, spacing, source path, file metadata, frame
 )
@@ -121,9 +123,10 @@ def _layer_name(path: Path) -> str:
 
 
 def _looks_like_labels(data: Any, name: str) -> bool:
-    """Integer volume whose file name says labels/seg/mask: open it as a Labels layer."""
+    """Integer volume with a word of its file name saying labels: a Labels layer."""
     dtype = np.dtype(getattr(data, "dtype", np.float32))
-    return np.issubdtype(dtype, np.integer) and bool(LABEL_HINT.search(name))
+    words = (w.rstrip("0123456789") for w in re.split(r"[^a-z0-9]+", name.lower()))
+    return np.issubdtype(dtype, np.integer) and any(LABEL_WORD.match(w) for w in words if w)
 
 
 def _is_dicom_folder(folder: Path, probe: int = 16) -> bool:

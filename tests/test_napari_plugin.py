@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_selfreg._reader import META_KEY, napari_get_reader
+from napari_selfreg._reader import META_KEY, _looks_like_labels, napari_get_reader
 from napari_selfreg.geometry import layer_ras_affine, layer_world_matrix
 
 PLUGIN = "napari-selfreg"
@@ -185,6 +185,17 @@ def test_reader_opens_integer_label_files_as_labels(tmp_path):
     [(data, _, layer_type)] = napari_get_reader(str(path))(str(path))
     assert layer_type == "labels"
     np.testing.assert_array_equal(np.asarray(data), labels.transpose(2, 1, 0))  # axial first
+
+
+@pytest.mark.parametrize(
+    ("name", "labels"),
+    [("sub-01_dseg", True), ("aparc+aseg", True), ("brain_mask", True), ("liver-seg2", True),
+     ("wmparc", True), ("Labels", True), ("brainmask", False), ("sub-01_T1w_masked", False),
+     ("t1", False)],
+)  # fmt: skip
+def test_the_file_name_decides_labels_by_whole_words(name, labels):
+    assert _looks_like_labels(np.zeros(3, np.uint8), name) is labels
+    assert _looks_like_labels(np.zeros(3, np.float32), name) is False
 
 
 def test_reader_takes_dicom_folders(tmp_path):
