@@ -130,7 +130,9 @@ def _looks_like_labels(data: Any, name: str) -> bool:
 
 
 def _is_dicom_folder(folder: Path, probe: int = 16) -> bool:
-    """True if the folder holds DICOM files (``*.dcm`` or the ``DICM`` marker at byte 128)."""
+    """True if the folder holds DICOM files (``*.dcm``, or files that start like DICOM)."""
+    from .io.volume import _is_dicom_file
+
     checked = 0
     for entry in sorted(folder.iterdir()):
         if not entry.is_file():
@@ -138,10 +140,8 @@ def _is_dicom_folder(folder: Path, probe: int = 16) -> bool:
         if entry.name.lower().endswith(".dcm"):
             return True
         try:
-            with open(entry, "rb") as fh:
-                fh.seek(128)
-                if fh.read(4) == b"DICM":
-                    return True
+            if _is_dicom_file(entry):
+                return True
         except OSError:
             pass
         checked += 1

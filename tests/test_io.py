@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from napari_selfreg import io
+from napari_selfreg._reader import napari_get_reader
 from napari_selfreg.io import Volume, VolumeReadError, VolumeWriteError, read_volume
 
 NIB_DATA = Path(nib.__file__).parent / "tests" / "data"
@@ -246,6 +247,22 @@ def test_a_dicom_file_reads_the_slices_its_folder_reads(tmp_path):
     one = read_volume(tmp_path / "IM3")
     assert folder.shape == one.shape == (6, 5, 6)
     assert np.array_equal(one.data, folder.data)
+
+
+@pytest.mark.parametrize("implicit_vr", [True, False])
+def test_dicom_files_without_the_preamble(tmp_path, implicit_vr):
+    """Older exports: no 128-byte preamble, no DICM marker, no file meta (pydicom's force)."""
+    vol = np.random.default_rng(0).integers(0, 3000, (6, 5, 4)).astype(np.int16)
+    affine = _series(tmp_path / "s", vol)
+    for f in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.preamble, ds.file_meta = None, FileMetaDataset()
+        pydicom.dcmwrite(f, ds, implicit_vr=implicit_vr, little_endian=True)
+        assert f.read_bytes()[:2] == b"\x08\x00"
+    read = read_volume(tmp_path / "s")
+    assert np.array_equal(read.data, vol - 1024) and np.allclose(read.affine, affine, atol=1e-5)
+    assert np.array_equal(read_volume(next((tmp_path / "s").iterdir())).data, read.data)
+    assert napari_get_reader(str(tmp_path / "s")) is not None
 
 
 def test_dicom_two_series_and_4d(tmp_path):

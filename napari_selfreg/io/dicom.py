@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .volume import LPS_TO_RAS, Volume, VolumeReadError, _f32, _make_volume
+from .volume import LPS_TO_RAS, Volume, VolumeReadError, _f32, _is_dicom_file, _make_volume
 
 
 @dataclass
@@ -96,9 +96,26 @@ def _slice_from(ds, file: Path, frame: int | None, fg=None, shared=None, warn=No
     )
 
 
-def _dcmread(pydicom, f: Path, **kw):
+def _read_dataset(pydicom, f: Path, **kw):
+    """``pydicom.dcmread``, forced for a file without the preamble that starts like DICOM,
+    with the transfer syntax its elements were found in."""
     try:
         return pydicom.dcmread(f, **kw)
+    except pydicom.errors.InvalidDicomError:
+        if not _is_dicom_file(f):
+            raise
+    ds = pydicom.dcmread(f, force=True, **kw)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        uid = pydicom.uid
+        syntax = uid.ImplicitVRLittleEndian if implicit else uid.ExplicitVRLittleEndian
+        ds.file_meta.TransferSyntaxUID = syntax if little else uid.ExplicitVRBigEndian
+    return ds
+
+
+def _dcmread(pydicom, f: Path, **kw):
+    try:
+        return _read_dataset(pydicom, f, **kw)
     except (pydicom.errors.InvalidDicomError, EOFError, OSError, ValueError) as e:
         raise VolumeReadError(f"{f} is not a readable DICOM file.") from e
 
@@ -112,7 +129,7 @@ def _scan(pydicom, files) -> list[tuple[Path, Any]]:
         try:
             with warnings.catch_warnings():  # other files' quirks are not the user's business
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(f, stop_before_pixels=True)
+                ds = _read_dataset(pydicom, f, stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - any unreadable file in a folder is skipped
             continue
         if "Rows" in ds and "Columns" in ds:

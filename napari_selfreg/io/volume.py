@@ -89,9 +89,16 @@ def _suffix(path: Path) -> str:
 
 
 def _is_dicom_file(path: Path) -> bool:
+    """The DICM marker at byte 128, or a file that starts with a DICOM element of group
+    0002 / 0008 without the preamble (older exports; pydicom reads them forced)."""
     with open(path, "rb") as f:
-        f.seek(128)
-        return f.read(4) == b"DICM"
+        head = f.read(132)
+    if head[128:132] == b"DICM":
+        return True
+    if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return False
+    explicit_vr = head[4:6].isalpha() and head[4:6].isupper()
+    return explicit_vr or int.from_bytes(head[4:8], "little") < 1024  # implicit: a length
 
 
 def _make_volume(data, affine, path, fmt, header, **extra) -> Volume:
