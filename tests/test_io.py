@@ -372,6 +372,16 @@ def test_tiff_spacing_channels_and_2d(tmp_path):
     assert np.array_equal(read_volume(tmp_path / "c.tif", channel=2).data, vol + 2)
     tifffile.imwrite(tmp_path / "slice.tif", vol[0])
     assert read_volume(tmp_path / "slice.tif").shape == (5, 6)
+    with tifffile.TiffWriter(tmp_path / "pages.tif") as tif:  # pages written one by one
+        for plane in vol:
+            tif.write(plane, contiguous=False)
+    assert np.array_equal(read_volume(tmp_path / "pages.tif").data, vol)
+    with tifffile.TiffWriter(tmp_path / "mixed.tif") as tif:  # e.g. an image and a thumbnail
+        tif.write(vol)
+        tif.write(vol[0, :2, :3])
+    mixed = read_volume(tmp_path / "mixed.tif")
+    assert np.array_equal(mixed.data, vol) and "2 series" in mixed.metadata["warnings"][0]
+    assert mixed.metadata["spacing_known"] is False  # no resolution tags: the note is not why
 
 
 # --------------------------------------------------------------------------- writing

@@ -56,7 +56,15 @@ def _read_tiff(p: Path, channel: int | None) -> Volume:
         with tifffile.TiffFile(p) as tif:
             series = tif.series[0]
             axes = series.axes.upper()
-            data = series.asarray()
+            alike = all((s.shape, s.dtype, s.axes) == (series.shape, series.dtype, series.axes) for s in tif.series)  # fmt: skip
+            notes = []
+            if len(tif.series) > 1 and alike and "Z" not in axes:  # pages written one by one
+                data = np.stack([s.asarray() for s in tif.series])
+                axes = "Z" + axes
+            else:
+                data = series.asarray()
+                if len(tif.series) > 1:
+                    notes.append(f"the TIFF holds {len(tif.series)} series of different shapes; the first, {series.shape}, was read")  # fmt: skip
             spacing_mm, origin = _tiff_spacing(tif)
             header = {"axes": axes, "imagej": tif.imagej_metadata, "ome": tif.ome_metadata,
                       "n_series": len(tif.series)}  # fmt: skip
@@ -81,8 +89,9 @@ def _read_tiff(p: Path, channel: int | None) -> Volume:
     elif channel not in (None, 0):
         raise VolumeReadError(f"{p} has no channel axis, so channel={channel} cannot be picked.")
     names = "".join("Z" if ax in "QIZ" else ax for ax in axes)
-    warnings = []
-    if not all(ax in spacing_mm for ax in names):
+    warnings = list(notes)
+    spacing_known = all(ax in spacing_mm for ax in names)
+    if not spacing_known:
         warnings.append("the TIFF gives no physical voxel size for some axes; 1.0 mm used")
     if data.dtype.kind == "f" and data.dtype != np.float32:
         data = data.astype(np.float32)
@@ -93,5 +102,5 @@ def _read_tiff(p: Path, channel: int | None) -> Volume:
     affine[np.arange(len(sp)), np.arange(len(sp))] = sp
     return _make_volume(
         data, _f32(affine), p, "tiff", header, warnings=warnings, axes=names,
-        spacing_known=not warnings, spacing_origin=origin if not warnings else None, channel=channel,
+        spacing_known=spacing_known, spacing_origin=origin if spacing_known else None, channel=channel,
     )  # fmt: skip
