@@ -381,7 +381,6 @@ def test_tiff_spacing_channels_and_2d(tmp_path):
         tif.write(vol[0, :2, :3])
     mixed = read_volume(tmp_path / "mixed.tif")
     assert np.array_equal(mixed.data, vol) and "2 series" in mixed.metadata["warnings"][0]
-    assert mixed.metadata["spacing_known"] is False  # no resolution tags: the note is not why
 
 
 # --------------------------------------------------------------------------- writing
