@@ -22,6 +22,7 @@ from napari_selfreg.training import (
     train,
 )
 from napari_selfreg.training.config import FINETUNE_ITERATIONS, LATER_ROUND_UNREVIEWED_WEIGHT
+from napari_selfreg.training.datasets import number_new_classes
 from napari_selfreg.training.finetune import (
     CORRECTED,
     NEW_CLASS_LOGIT_OFFSET,
@@ -147,6 +148,25 @@ def test_unknown_label_values_need_a_remap_or_extension(tmp_path):
     assert card.num_classes == 4 and card.class_names[-1] == "class 3"
     assert len(card.class_colors) == 4
     assert card.keep_largest == [[1, 2]]  # the parent's post-processing goes with it
+    far = np.where(labels == 3, 7, labels)  # a value far above the model's classes
+    cfg = FinetuneConfig(iterations=1, extend_classes=True, new_class_names=["scalp"])
+    card = load_model(finetune(base, image, far, changed, cfg, tmp_path / "far")).card
+    assert card.num_classes == 4 and card.class_names[-1] == "scalp"  # class 3, painted 7
+    assert card.training["finetune"]["new_class_values"] == {"scalp": 7}
+    cfg.new_class_names = ["scalp", "lesion"]
+    with pytest.raises(
+        LabelError, match=r"2 names for new classes \(scalp, lesion\) .* 1 value\(s\) .* \(7\)"
+    ):
+        finetune(base, image, far, changed, cfg, tmp_path / "two")
+
+
+def test_new_label_values_are_numbered_after_the_known_classes():
+    labels = np.array([0, 1, 9, 2, 5, 9])
+    renumbered, added = number_new_classes(labels, 3, ["lesion"])
+    np.testing.assert_array_equal(renumbered, [0, 1, 4, 2, 3, 4])
+    assert added == [(5, "lesion"), (9, "class 9")]
+    same, none = number_new_classes(np.array([0, 2]), 3, ["unused"])
+    assert none == [] and same.tolist() == [0, 2]
 
 
 def test_extend_classes_keeps_predictions_and_starts_new_classes_below_background():

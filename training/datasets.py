@@ -115,6 +115,32 @@ def check_labels(
     return labels
 
 
+def number_new_classes(
+    labels: np.ndarray, known: int, names: list[str] | None = None
+) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Label values ``>= known`` become the classes ``known, known + 1, ...`` in ascending
+    order (a painted 7 on a 3-class model is class 3, not class 7 after four empty ones).
+
+    Returns the renumbered labels and ``(painted value, name)`` per new class; ``names``
+    go to the new values in order (default ``class <value>``). More names than new
+    values raise :class:`LabelError`; with no new value they are ignored (a widget
+    keeps them for the next round).
+    """
+    if not labels.size or labels.max() < known:
+        return labels, []
+    values = [int(v) for v in np.unique(labels) if v >= known]
+    names = list(names or [])
+    if len(names) > len(values):
+        raise LabelError(
+            f"{len(names)} names for new classes ({', '.join(names)}) but the labels hold "
+            f"{len(values)} value(s) the model does not know ({', '.join(map(str, values))})"
+        )
+    lut = np.arange(max(values) + 1, dtype=np.int64)
+    lut[values] = np.arange(known, known + len(values))
+    added = [(v, names[i] if i < len(names) else f"class {v}") for i, v in enumerate(values)]
+    return lut[labels], added
+
+
 def _as_channels_first(image: np.ndarray, spatial: tuple[int, ...], name: str) -> np.ndarray:
     if image.shape == spatial:
         return image[None]

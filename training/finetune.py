@@ -32,7 +32,7 @@ from napari_selfreg.jobs import drain
 from napari_selfreg.modelfile import DEFAULT_COLORS, ModelBundle, load_model, user_models_dir
 
 from .config import FinetuneConfig, LabelError, TrainConfig, TrainingError
-from .datasets import Case, PatchSampler, case_from_arrays, check_labels
+from .datasets import Case, PatchSampler, case_from_arrays, check_labels, number_new_classes
 from .loop import Trainer
 from .setup import check_classes
 
@@ -467,14 +467,13 @@ def iter_finetune(
         on_reviewed(review_map(region, changed))
     network = copy.deepcopy(bundle.network).float()
     class_names, class_colors = list(card.class_names), list(card.class_colors)
-    top = int(labels.max()) if labels.size else 0
-    if top >= card.num_classes:
-        if not cfg.extend_classes:
-            check_classes([labels], card.num_classes, f"model {card.name!r}")
-        network = extend_classes(network, card.options, card.architecture, top + 1)
-        names = list(cfg.new_class_names or [])
-        for i in range(card.num_classes, top + 1):
-            class_names.append(names.pop(0) if names else f"class {i}")
+    if labels.size and labels.max() >= card.num_classes and not cfg.extend_classes:
+        check_classes([labels], card.num_classes, f"model {card.name!r}")
+    labels, added = number_new_classes(labels, card.num_classes, cfg.new_class_names)
+    if added:  # (painted value, name) per new class
+        network = extend_classes(network, card.options, card.architecture, card.num_classes + len(added))  # fmt: skip
+        for i, (_, name) in enumerate(added, start=card.num_classes):
+            class_names.append(name)
             class_colors.append(DEFAULT_COLORS[i % len(DEFAULT_COLORS)])
     grid, moved = to_model_grid(
         card,
@@ -554,6 +553,7 @@ def iter_finetune(
     record.update(iterations=iterations, unreviewed_weight=unreviewed_weight)
     if probed:  # new class -> its recall on the known voxels after the linear probe
         record["linear_probe_recall"] = {class_names[k]: v for k, v in probed.items()}
+        record["new_class_values"] = {name: value for value, name in added}  # as painted
     trainer = Trainer(
         train_cfg,
         [case],
