@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
@@ -267,19 +268,32 @@ def save_model(
 
     clear_stale(target.parent)
     tmp = temporary_path(target, "model", keep_suffix=False)
+
+    def write_card(card: ModelCard) -> None:
+        with open(tmp / CARD_FILE, "w") as fh:
+            json.dump({**card.to_dict(), "weights_sha256": digest}, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        follow_umask(tmp / CARD_FILE)
+
     try:
         tmp.mkdir()
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         digest = weights_sha256(tmp)
-        card_data = card.to_dict()
-        card_data["weights_sha256"] = digest
-        with open(tmp / CARD_FILE, "w") as fh:
-            json.dump(card_data, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        for path in (tmp / WEIGHTS_FILE, tmp / CARD_FILE, tmp):  # safetensors writes 0600
+        write_card(card)
+        for path in (tmp / WEIGHTS_FILE, tmp):  # safetensors writes 0600
             follow_umask(path)
-        os.rename(tmp, target)  # atomic; fails if target appeared meanwhile
+        while True:
+            try:
+                os.rename(tmp, target)  # atomic; fails if target appeared meanwhile
+                break
+            except OSError as err:  # another process saved under this name meanwhile
+                if not new_version or err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                target = next_version_path(target)
+                if name is None:
+                    card = dataclasses.replace(card, name=target.name)
+                    write_card(card)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -300,17 +314,25 @@ def next_version_path(path: str | os.PathLike) -> Path:
 
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
-    """Find a model folder from a path, a user model name, a bundled name or None (the default)."""
-    if name_or_path is None or str(name_or_path) == "default":
+    """Find a model folder from a path, a user model name, a bundled name or None (the default).
+
+    A folder holding a model card comes first, then user and bundled models of that
+    name, then any other folder of that path (whose reading then says what is wrong).
+    The default is looked up by name only: a folder of that name here does not hide it.
+    """
+    default = name_or_path is None or str(name_or_path) == "default"
+    if default:
         name_or_path = DEFAULT_MODEL
     candidate = Path(name_or_path).expanduser()
     if candidate.is_file() and candidate.name in (WEIGHTS_FILE, CARD_FILE):
         candidate = candidate.parent
-    if candidate.is_dir():
+    if not default and (candidate / CARD_FILE).is_file():
         return candidate
     for root in (user_models_dir(), BUNDLED_DIR):
         if (root / str(name_or_path) / CARD_FILE).is_file():
             return root / str(name_or_path)
+    if not default and candidate.is_dir():
+        return candidate
     if str(name_or_path) == DEFAULT_MODEL:
         raise ModelFileError(
             "the bundled default model is not installed in this copy of napari-selfreg; "

@@ -3,6 +3,7 @@
 import json
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from napari_selfreg.modelfile import (
     list_models,
     load_model,
     next_version_path,
+    read_card,
     save_model,
 )
 
@@ -105,6 +107,46 @@ def test_refuses_to_overwrite_and_versions(tmp_path):
     assert (v2.name, v3.name) == ("m-v2", "m-v3")
     assert next_version_path(v3).name == "m-v4"
     assert {f.name: f.read_bytes() for f in path.iterdir()} == before
+
+
+def test_a_model_saved_meanwhile_under_the_name_is_kept(tmp_path, monkeypatch):
+    """Two fine-tunes to one OUT: the later one takes the next version, not an error."""
+    from napari_selfreg import modelfile
+
+    card = _card()
+    net = _trained_like(card)
+    real_digest = modelfile.weights_sha256
+    others = []
+
+    def another_process_saves_first(folder):
+        if not others:
+            others.append(folder)  # (the other process's save passes through here too)
+            save_model(net, card, tmp_path / "m")
+        return real_digest(folder)
+
+    monkeypatch.setattr(modelfile, "weights_sha256", another_process_saves_first)
+    path = save_model(net, card, tmp_path / "m", new_version=True)
+    assert path.name == "m-v2" and read_card(path).name == "m-v2"
+    assert read_card(tmp_path / "m").name == "m"
+    shutil.rmtree(tmp_path / "m")
+    others.clear()
+    with pytest.raises(OSError):  # without new_version: refused, nothing of ours left
+        save_model(net, card, tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m-v2"]
+
+
+def test_a_folder_named_like_a_model_does_not_hide_it(tmp_path, monkeypatch):
+    """E.g. an export written to ./brain-tissue-unet3d: no model card, so not a model."""
+    from napari_selfreg.modelfile import BUNDLED_DIR, DEFAULT_MODEL, resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / DEFAULT_MODEL / "configs").mkdir(parents=True)
+    assert resolve_model_path(None) == BUNDLED_DIR / DEFAULT_MODEL
+    assert resolve_model_path(DEFAULT_MODEL) == BUNDLED_DIR / DEFAULT_MODEL
+    (tmp_path / "other").mkdir()
+    assert resolve_model_path("other") == Path("other")  # reading it says what is wrong
+    with pytest.raises(ModelFileError, match="not a napari-selfreg model"):
+        read_card(resolve_model_path("other"))
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
