@@ -259,6 +259,51 @@ def companion(labels_path: Path, tag: str) -> Path:
     return labels_path.with_name(f"{base}_{tag}{suffix}")
 
 
+def check_side_outputs(args, inputs: list[Path], outputs: list[Path]) -> None:
+    """``--statistics`` and ``--rank-slices``: a known format, never an input or another
+    output, an existing file replaced only with ``--overwrite`` or ``--skip-existing``
+    (which continues a folder run: the rows of the inputs it skips are kept)."""
+    sides = {"--statistics": args.statistics, "--rank-slices": args.rank_slices}
+    taken = {p.resolve() for p in inputs + outputs}
+    for flag, given in sides.items():
+        if given is None:
+            continue
+        path = Path(given).expanduser()
+        formats = (".csv", ".json") if flag == "--statistics" else (".json",)
+        if path.suffix.lower() not in formats:
+            raise ValueError(f"{flag} needs a {' or '.join(formats)} file name, not {path.name}")
+        if path.resolve() in taken:
+            raise FileExistsError(f"{flag} {path} is an input or another output of this run")
+        if path.exists() and not (args.overwrite or args.skip_existing):
+            raise FileExistsError(f"{flag} {path} exists; pass --overwrite to replace it")
+
+
+def labels_statistics(source: Path, labels_path: Path, names: list[str]) -> dict:
+    """The statistics row of an input whose labels an earlier run wrote."""
+    import numpy as np
+
+    from . import io
+    from .volumes import as_record, class_volumes
+
+    labels = io.read_volume(labels_path)
+    linear = labels.affine[:3, :3] if labels.ndim == 3 else np.diag(labels.spacing[:2])
+    rows, unit = class_volumes(np.asarray(labels.data), names, linear)
+    return as_record(rows, unit, file=str(source), labels=str(labels_path))
+
+
+def earlier_rankings(path: str | None, skipped: list[tuple[Path, Path]]) -> dict[str, dict]:
+    """The slice rankings an earlier run wrote to ``path`` for the inputs now skipped."""
+    import json
+
+    if path is None or not skipped or not Path(path).expanduser().is_file():
+        return {}
+    try:
+        earlier = json.loads(Path(path).expanduser().read_text()).get("inputs", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(s): earlier[str(s)] for s, _ in skipped if str(s) in earlier}
+
+
 def check_outputs(inputs: list[Path], outputs: list[Path], overwrite: bool) -> None:
     """Never write over an input; write over other files only with ``--overwrite``."""
     sources = {p.resolve() for p in inputs}
@@ -274,17 +319,21 @@ def cmd_segment(args) -> int:
     from .inference import Predictor
 
     inputs, folder_mode = expand_inputs(args.inputs)
+    order = {str(p): i for i, p in enumerate(inputs)}  # statistics rows in input order
     outputs = plan_outputs(inputs, args.output, folder_mode)
     tags = [t for t in ("probabilities", "uncertainty") if getattr(args, t)]
+    skipped: list[tuple[Path, Path]] = []  # (input, its labels) of a run being continued
     if args.skip_existing:
         done = [o.exists() for o in outputs]
-        for source, skip in zip(inputs, done, strict=True):
+        for source, target, skip in zip(inputs, outputs, done, strict=True):
             if skip:
                 print(f"skipping {source}: its labels exist")
+                skipped.append((source, target))
         inputs = [p for p, d in zip(inputs, done, strict=True) if not d]
         outputs = [o for o, d in zip(outputs, done, strict=True) if not d]
     every = outputs + [companion(o, t) for o in outputs for t in tags]
     check_outputs(inputs, every, args.overwrite)
+    check_side_outputs(args, inputs + [s for s, _ in skipped], every)
     predictor = Predictor(  # a bad --model or --tile fails before any folder is made
         args.model,
         tile=args.tile,
@@ -304,8 +353,8 @@ def cmd_segment(args) -> int:
         clear_stale(folder)
     card = predictor.card
     names = card.class_names if card else [f"class {i}" for i in range(predictor.num_classes)]
-    rankings: dict[str, dict] = {}
-    statistics: list[dict] = []
+    rankings: dict[str, dict] = earlier_rankings(args.rank_slices, skipped)
+    statistics: list[dict] = [labels_statistics(s, t, names) for s, t in skipped] if args.statistics else []  # fmt: skip
     failed: list[str] = []
     for source, target in zip(inputs, outputs, strict=True):
         try:
@@ -328,6 +377,7 @@ def cmd_segment(args) -> int:
     if args.statistics and statistics:
         from .volumes import write_statistics
 
+        statistics.sort(key=lambda row: order[row["file"]])
         print(f"wrote volume statistics {write_statistics(args.statistics, statistics, names)}")
     remove_if_empty(created)
     if failed:

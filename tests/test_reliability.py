@@ -249,6 +249,29 @@ def test_the_ranking_and_statistics_files_of_a_folder_run(tiny_model, scans, tmp
     assert total == 20**3
 
 
+def test_a_continued_folder_run_keeps_every_row_and_side_files_are_never_inputs(tiny_model, scans, tmp_path, capsys):  # fmt: skip
+    io.write_volume(scans / "b.nii.gz", np.ones((20, 20, 20), np.float32), affine=np.eye(4))
+    out, stats, ranks = tmp_path / "out", tmp_path / "volumes.csv", tmp_path / "next.json"
+    run = ["segment", str(scans), "-o", str(out), "--model", str(tiny_model), "--quiet",
+           "--statistics", str(stats), "--rank-slices", str(ranks)]  # fmt: skip
+    assert main(run) == 0
+    first, ranked = stats.read_text(), json.loads(ranks.read_text())["inputs"]
+    (out / "b_labels.nii.gz").unlink()  # as if the run had stopped before b
+    capsys.readouterr()
+    elsewhere = [str(tmp_path / "out2") if a == str(out) else a for a in run]
+    assert main(elsewhere) == 2  # the side files exist: not replaced without a word
+    assert "--statistics" in capsys.readouterr().err and stats.read_text() == first
+    assert main([*run, "--skip-existing"]) == 0
+    assert stats.read_text() == first  # a and c from their labels, b segmented again
+    assert json.loads(ranks.read_text())["inputs"] == ranked
+    scan = scans / "a.nii.gz"
+    before = scan.read_bytes()
+    for flag, name in (("--rank-slices", "a.nii.gz"), ("--statistics", "x.txt")):
+        args = ["segment", str(scan), "-o", str(tmp_path / "s.nii.gz"), "--model", str(tiny_model), flag, str(scans / name)]  # fmt: skip
+        assert main(args) == 2 and flag in capsys.readouterr().err
+    assert scan.read_bytes() == before and not (tmp_path / "s.nii.gz").exists()
+
+
 def test_a_killed_finetuning_leaves_nothing_after_the_next_start(tmp_path, tiny_model):
     from napari_selfreg.training import FinetuneConfig
     from napari_selfreg.training.finetune import finetune
