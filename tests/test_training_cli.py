@@ -64,6 +64,19 @@ def test_train_then_segment_then_finetune(folders, capsys):
     assert (review2[review1 == 2] == 2).all() and (review2[review1 != 0] != 0).all()
     corrected = load_model(second).card.training["finetune"]["corrected_voxels"]
     assert corrected == int((review2 == 2).sum()) >= int((review1 == 2).sum())
+    # a review map is never written over; one of another voxel grid is refused
+    capsys.readouterr()
+    args[args.index("--out") + 1] = str(folders / "model-ft3")
+    assert main([*args, "--reviewed", str(folders / "review1.nii.gz")]) == 2
+    assert "review2.nii.gz exists; give a new file name" in capsys.readouterr().err
+    moved = nib.load(folders / "review1.nii.gz")
+    shifted = moved.affine.copy()
+    shifted[:3, 3] += 9.0  # 9 mm away
+    nib.save(nib.Nifti1Image(np.asarray(moved.dataobj), shifted), folders / "moved.nii.gz")
+    args[-1] = str(folders / "review3.nii.gz")
+    assert main([*args, "--reviewed", str(folders / "moved.nii.gz")]) == 2
+    assert "image and reviewed have different affines" in capsys.readouterr().err
+    assert not (folders / "review3.nii.gz").exists() and not (folders / "model-ft3").exists()
 
 
 def test_split_from_reuses_the_saved_split(folders):
@@ -99,6 +112,7 @@ def test_train_reports_mismatched_labels_in_one_line(folders, capsys):
         ),  # fmt: skip
         (["--arch-option", "norm"], "bad --arch-option 'norm'; write KEY=VALUE"),
         (["--arch-option", "norm=nonorm"], "cannot build unet3d .*unknown norm 'nonorm'"),
+        (["--class-names", "bg,a"], r"2 class names \(bg, a\) for 3 classes"),
     ],
 )
 def test_train_user_errors(folders, capsys, extra, message):

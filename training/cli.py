@@ -261,22 +261,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .metrics import unlearnt
 
     image = read_volume(args.image)
-    labels = read_volume(args.labels)
-    masks = {}
-    for name, path in (("changed", args.changed), ("reviewed", args.reviewed)):
-        if path:  # changed: a mask; reviewed: the review map --save-reviewed wrote
-            data = np.asarray(read_volume(path).data)
-            masks[name] = data != 0 if name == "changed" else data
-    for name, data in (("labels", labels.data), *masks.items()):
-        if np.shape(data) != image.shape:
+    given = {"labels": args.labels, "changed": args.changed, "reviewed": args.reviewed}
+    read = {name: read_volume(path) for name, path in given.items() if path}
+    for name, volume in read.items():
+        if volume.shape != image.shape:
             raise TrainingError(
-                f"image and {name} differ in shape ({image.shape} vs {np.shape(data)}); "
+                f"image and {name} differ in shape ({image.shape} vs {volume.shape}); "
                 "resample them onto the image grid"
             )
-    if float(np.max(np.abs(image.affine - labels.affine))) > 1e-3:
-        raise TrainingError(
-            "image and labels have different affines; they must share one voxel grid"
-        )
+        if float(np.max(np.abs(image.affine - volume.affine))) > 1e-3:
+            raise TrainingError(
+                f"image and {name} have different affines; they must share one voxel grid"
+            )
+    labels = read["labels"]
+    masks = {name: np.asarray(read[name].data) for name in ("changed", "reviewed") if name in read}
+    if "changed" in masks:  # a mask; reviewed: the review map --save-reviewed wrote
+        masks["changed"] = masks["changed"] != 0
+    if args.save_reviewed:  # a new file: never an input, never an earlier round's map
+        target = Path(args.save_reviewed).expanduser()
+        if target.exists():
+            raise TrainingError(f"--save-reviewed {target} exists; give a new file name (the earlier map goes in with --reviewed)")  # fmt: skip
     config = FinetuneConfig(
         iterations=args.iterations,
         seconds_budget=args.seconds or None,
@@ -300,7 +304,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     def save_reviewed(review: np.ndarray) -> None:
         if args.save_reviewed:
-            written = write_labels(args.save_reviewed, review, reference=image)
+            written = write_labels(args.save_reviewed, review, reference=image, overwrite=False)
             print(f"wrote the review map {written} (1 reviewed, 2 corrected)", file=sys.stderr)
 
     gen = iter_finetune(

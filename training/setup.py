@@ -144,9 +144,15 @@ class SetupMixin:
                     f"classes are numbered 0, 1, 2...: this would build a network with {k} "
                     f"outputs; remap them, e.g. --label-map {hint}"
                 )
-            self.class_names = list(cfg.class_names or [])
-            if len(self.class_names) != k:
-                self.class_names = ["background"] + [f"class {i}" for i in range(1, k)]
+            names = list(cfg.class_names or [])
+            if names and cfg.num_classes is None:  # named classes may be absent from the data
+                k = max(k, len(names))
+            if names and len(names) != k:
+                raise LabelError(
+                    f"{len(names)} class names ({', '.join(names)}) for {k} classes: the labels "
+                    f"hold values up to {int(values.max())}; give one name per class, background first"
+                )
+            self.class_names = names or ["background"] + [f"class {i}" for i in range(1, k)]
         self.num_classes = len(self.class_names)
         check_classes([c.labels for c in self.cases], self.num_classes)
 
