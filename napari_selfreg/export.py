@@ -232,13 +232,24 @@ def _target(path, overwrite: bool, kind: str) -> Path:
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise FileExistsError(f"output {path} exists; pass --overwrite to replace it")
-        if kind == "zip" and not path.is_file():
-            raise FileExistsError(f"output {path} is not a file; it is not replaced")
+        if kind == "zip" and not _is_model_package(path):
+            raise FileExistsError(f"output {path} is not a bioimage.io model package; it is not replaced")  # fmt: skip
         if kind == "bundle" and not (path / "configs" / "metadata.json").is_file():
             raise FileExistsError(f"output {path} is not a MONAI bundle; it is not replaced")
     path.parent.mkdir(parents=True, exist_ok=True)
     clear_stale(path.parent)
     return path
+
+
+def _is_model_package(path: Path) -> bool:
+    """A zip file holding an ``rdf.yaml`` (what ``--overwrite`` may replace)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "rdf.yaml" in archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _stage(path: Path) -> Path:

@@ -199,12 +199,18 @@ def test_cli_export(tiny_model, tmp_path, capsys):
         code, _, err = run(*argv)
         assert code == 2 and err.startswith("napari-selfreg: error: ") and err.count("\n") == 1
     assert "exists; pass --overwrite" in run("tiny", "--format", "bioimageio", "-o", tmp_path / "t.zip")[2]  # fmt: skip
+    assert run("tiny", "--format", "bioimageio", "-o", tmp_path / "t.zip", "--overwrite")[0] == 0
     before = (tmp_path / "b" / "models" / "model.pt").stat().st_mtime_ns
     assert run("tiny", "--format", "monai-bundle", "-o", tmp_path / "b", "--overwrite")[0] == 0
     assert (tmp_path / "b" / "models" / "model.pt").stat().st_mtime_ns != before
     (tmp_path / "plain").mkdir()
     code, _, err = run("tiny", "--format", "monai-bundle", "-o", tmp_path / "plain", "--overwrite")
     assert code == 2 and "not a MONAI bundle" in err
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as archive:  # the user's own archive
+        archive.writestr("holiday.jpg", b"...")
+    code, _, err = run("tiny", "--format", "bioimageio", "-o", tmp_path / "photos.zip", "--overwrite")  # fmt: skip
+    assert code == 2 and "not a bioimage.io model package" in err
+    assert zipfile.ZipFile(tmp_path / "photos.zip").namelist() == ["holiday.jpg"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".selfreg-")]
 
 
