@@ -233,6 +233,32 @@ def test_rounds_keep_what_was_reviewed_and_list_slices_to_check(qtbot, segmented
     np.testing.assert_array_equal(review[[5, 12]], reviewed[[5, 12]])
 
 
+def test_painted_slices_and_check_next_follow_axes_that_run_backwards(qtbot, segmented):
+    """The reader's display frame runs world axes 1 and 2 against the array: the slice
+    recorded as reviewed and the slice a click goes to are array slices, not slider steps."""
+    viewer, segment, finetune, image, labels, messages = segmented
+    from napari_selfreg.widgets.finetune import _TARGET, PAINT_SLICES_KEY
+    from napari_selfreg.widgets.segment import SLICE_SCORES_KEY
+
+    flipped = viewer.add_labels(
+        np.array(labels.data), name="flipped", affine=np.diag([1.0, -1.0, 1.0, 1.0]),
+        metadata={SLICE_SCORES_KEY: labels.metadata[SLICE_SCORES_KEY]},
+    )  # fmt: skip
+    finetune.labels_picker.set_layer(flipped)
+    viewer.dims.ndisplay = 2
+    viewer.dims.order = (1, 0, 2)  # the slider runs along axis 1
+    assert finetune.view_axis() == 1
+    viewer.dims.set_point(1, -5.0)  # world -5 is array slice 5 of this layer
+    flipped.events.paint(value=[])
+    assert flipped.metadata[PAINT_SLICES_KEY] == {1: [5]}
+    assert finetune.review_map(flipped)[:, 5].all() and not finetune.review_map(flipped)[:, 14].any()  # fmt: skip
+    finetune.update_next_slices()
+    item = finetune.next_slices.item(0)
+    axis, index = item.data(_TARGET)
+    finetune.next_slices.itemClicked.emit(item)
+    assert axis == 1 and round(flipped.world_to_data(viewer.dims.point)[1]) == index
+
+
 def test_scribbles_train_on_painted_voxels_only(qtbot, segmented, phantom):
     viewer, segment, finetune, image, labels, messages = segmented
     finetune.image_picker.set_layer(image)

@@ -310,7 +310,9 @@ class FinetuneWidget(QWidget):
         if layer is not None and axis is not None and getattr(event, "type", "") == "paint":
             axes = set(layer.metadata.get(PAINT_AXES_KEY, []))
             layer.metadata[PAINT_AXES_KEY] = sorted(axes | {axis})
-            index = int(self.viewer.dims.current_step[axis + self.viewer.dims.ndim - layer.ndim])
+            # the array slice under the slider (a slider step is not an index: axes may run
+            # backwards, as the reader's display frame does, or be scaled)
+            index = int(np.round(layer.world_to_data(self.viewer.dims.point)[axis]))
             slices = layer.metadata.setdefault(PAINT_SLICES_KEY, {})
             slices[axis] = sorted(set(slices.get(axis, [])) | {index})
         self._count_changes()
@@ -437,7 +439,10 @@ class FinetuneWidget(QWidget):
         if not target or layer is None:
             return
         axis, index = target
-        self.viewer.dims.set_current_step(axis + (self.viewer.dims.ndim - layer.ndim), int(index))
+        dims = self.viewer.dims  # the world position of that array slice (see _on_paint)
+        point = np.asarray(layer.world_to_data(dims.point), float)
+        point[axis] = index
+        dims.set_point(axis + dims.ndim - layer.ndim, float(layer.data_to_world(point)[axis]))
 
     # ------------------------------------------------------------------ run
     def settings(self) -> dict[str, Any]:
