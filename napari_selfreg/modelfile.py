@@ -33,6 +33,15 @@ DEFAULT_COLORS = [
 ]  # fmt: skip
 
 
+def colors_after(used: list[str], n: int) -> list[str]:
+    """``n`` class colours for labels after ``used``: the default colours no class uses
+    yet, in order (then all of them again, when more are needed)."""
+    taken = {c.lower() for c in used}
+    fresh = [c for c in DEFAULT_COLORS[1:] if c.lower() not in taken] or DEFAULT_COLORS[1:]
+    cycle = fresh + [c for c in DEFAULT_COLORS[1:] if c not in fresh]
+    return [cycle[i % len(cycle)] for i in range(n)]
+
+
 class ModelFileError(ValueError):
     """A model file is missing, corrupt or not a napari-selfreg model."""
 

@@ -149,6 +149,17 @@ def test_a_folder_named_like_a_model_does_not_hide_it(tmp_path, monkeypatch):
         read_card(resolve_model_path("other"))
 
 
+def test_new_classes_get_colours_no_class_has():
+    from napari_selfreg.modelfile import DEFAULT_COLORS, colors_after
+
+    bundled = ["#000000", "#f58231", "#4363d8"]  # the default model: orange, blue
+    fresh = colors_after(bundled, 3)
+    assert len(set(fresh)) == 3 and not set(fresh) & set(bundled)
+    assert fresh[0] == "#e6194b"  # the first default colour no class uses
+    many = colors_after(bundled, 40)  # more than there are: they come round again
+    assert set(many) == set(DEFAULT_COLORS[1:]) and many[:11] == colors_after(bundled, 11)
+
+
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     card = _card()
     net = _trained_like(card)

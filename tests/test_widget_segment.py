@@ -57,6 +57,11 @@ def test_segment_adds_aligned_coloured_labels(qtbot, setup, tiny_model):
     for value, color in enumerate(card.class_colors[1:], start=1):
         expected = np.array([int(color[i : i + 2], 16) / 255 for i in (1, 3, 5)])
         np.testing.assert_allclose(labels.colormap.map(value)[:3], expected, atol=1e-6)
+    # a new class painted on (the next value, or any) is visible, in a colour of its own
+    known = {tuple(labels.colormap.map(v)) for v in range(1, card.num_classes)}
+    for value in (card.num_classes, card.num_classes + 1, 200):
+        rgba = tuple(labels.colormap.map(value))
+        assert rgba[3] == 1.0 and rgba not in known
     assert list(labels.features["class"]) == card.class_names
     np.testing.assert_array_equal(labels.metadata[PREDICTION_KEY], labels.data)
     assert labels.metadata[PREDICTION_KEY] is not labels.data

@@ -29,7 +29,7 @@ from napari_selfreg import models
 from napari_selfreg.device import autocast, resolve_device, resolve_precision
 from napari_selfreg.files import clear_stale, temporary_path
 from napari_selfreg.jobs import drain
-from napari_selfreg.modelfile import DEFAULT_COLORS, ModelBundle, load_model, user_models_dir
+from napari_selfreg.modelfile import ModelBundle, colors_after, load_model, user_models_dir
 
 from .config import FinetuneConfig, LabelError, TrainConfig, TrainingError
 from .datasets import Case, PatchSampler, case_from_arrays, check_labels, number_new_classes
@@ -472,9 +472,8 @@ def iter_finetune(
     labels, added = number_new_classes(labels, card.num_classes, cfg.new_class_names)
     if added:  # (painted value, name) per new class
         network = extend_classes(network, card.options, card.architecture, card.num_classes + len(added))  # fmt: skip
-        for i, (_, name) in enumerate(added, start=card.num_classes):
-            class_names.append(name)
-            class_colors.append(DEFAULT_COLORS[i % len(DEFAULT_COLORS)])
+        class_names += [name for _, name in added]
+        class_colors += colors_after(class_colors, len(added))  # as the layer showed them
     grid, moved = to_model_grid(
         card,
         affine,

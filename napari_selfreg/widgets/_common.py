@@ -229,11 +229,22 @@ def layer_spacing(layer) -> tuple[float, ...]:
     return tuple(float(v) for v in np.linalg.norm(linear, axis=0))
 
 
+NEW_CLASS_COLORS = 16  # labels after the model's classes with a colour of their own
+
+
 def labels_colormap(colors: Iterable[str]):
-    """``DirectLabelColormap`` for ``colors[i]`` = colour of label i; label 0 is transparent."""
+    """``DirectLabelColormap`` for ``colors[i]`` = colour of label i; label 0 is transparent.
+
+    The labels a user may paint as new classes get the colours a fine-tune will give
+    them (:func:`~napari_selfreg.modelfile.colors_after`); any other value is white,
+    so no stroke is invisible."""
     from napari.utils.colormaps import DirectLabelColormap
 
-    color_dict: dict[int | None, Any] = {None: "transparent", 0: "transparent"}
+    from ..modelfile import colors_after
+
+    colors = list(colors)
+    colors += colors_after(colors, NEW_CLASS_COLORS)
+    color_dict: dict[int | None, Any] = {None: "white", 0: "transparent"}
     for i, color in enumerate(colors):
         if i > 0:
             color_dict[i] = color

@@ -397,19 +397,17 @@ class FinetuneWidget(QWidget):
         if image is None:
             user_error("Open an image first: scribbles are painted over an image.")
             return None
-        from ..modelfile import DEFAULT_COLORS, read_card
+        from ..modelfile import DEFAULT_COLORS, colors_after, read_card
 
         path = self.model_picker.model_path()
-        colors = list(read_card(path).class_colors) if path else []
-        n = len(DEFAULT_COLORS)
-        colormap = {i: colors[i] if i < len(colors) else DEFAULT_COLORS[i % n] for i in range(SCRIBBLE_BACKGROUND)}  # fmt: skip
-        colormap[SCRIBBLE_BACKGROUND] = SCRIBBLE_GREY
+        colors = list(read_card(path).class_colors) if path else DEFAULT_COLORS[:1]
+        colors += colors_after(colors, SCRIBBLE_BACKGROUND - len(colors))
         shape = image.data[0].shape if image.multiscale else image.data.shape
         layer = self.viewer.add_labels(
             np.zeros(shape, np.uint8), name=f"{image.name} scribbles",
             metadata={SCRIBBLES_KEY: True}, **layer_transform(image),
         )  # fmt: skip
-        layer.colormap = labels_colormap([colormap[i] for i in range(SCRIBBLE_BACKGROUND + 1)])
+        layer.colormap = labels_colormap([*colors, SCRIBBLE_GREY])
         self.mode.setCurrentText("scribbles")
         self.labels_picker.set_layer(layer)
         self._set_brush(0)
