@@ -413,6 +413,7 @@ class JobPanel(QWidget):
         super().__init__(parent)
         self._viewer = viewer
         self.worker = None
+        self._generator: Generator | None = None  # the running job's generator
         self.outcome = ""  # "running", "returned", "cancelled" or "failed"
         self._what = "job"
         self._watch: list[Any] = []
@@ -485,9 +486,10 @@ class JobPanel(QWidget):
         self._cancel_reason = ""
         self._time_left = TimeLeft()
         self.outcome = "running"
+        self._generator = job(*args)
         worker = create_worker(
             _guard,
-            job(*args),
+            self._generator,
             _worker_class=GeneratorWorker,
             _ignore_errors=True,
             _start_thread=False,
@@ -556,6 +558,14 @@ class JobPanel(QWidget):
         self.status.setText(text)
 
     def _on_finished(self) -> None:
+        if self.outcome == "cancelled" and self._generator is not None:
+            # superqt stops asking a cancelled job for more, but leaves it suspended: close
+            # it, so its cleanup runs (temporary folders) and its buffers are freed now
+            try:
+                self._generator.close()
+            except Exception as err:  # noqa: BLE001 - the job is over either way
+                warn(f"cleaning up the cancelled {self._what} failed: {err}")
+        self._generator = None
         self.worker = None
         self._watch = []
         self.progress.setRange(0, 1)
