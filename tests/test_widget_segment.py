@@ -75,6 +75,25 @@ def test_segment_adds_aligned_coloured_labels(qtbot, setup, tiny_model):
     assert not [m for m in messages if m[0] == "error"]
 
 
+def test_a_volume_without_orientation_is_named_for_a_model_that_expects_one(qtbot, setup, tmp_path):  # fmt: skip
+    from napari_selfreg._reader import read_layers
+    from napari_selfreg.io import write_volume
+    from napari_selfreg.modelfile import resolve_model_path
+
+    viewer, widget, image, messages = setup
+    oriented = resolve_model_path(None)  # the bundled default: trained in a known orientation
+    assert read_card(oriented).orientation
+    widget._note_unknown_orientation(image, oriented, 3)  # a plain array added in napari
+    assert messages[-1][0] == "warning" and "carries no patient orientation" in messages[-1][1]
+    count = len(messages)
+    path = write_volume(tmp_path / "scan.nii.gz", np.asarray(image.data, np.float32), affine=np.eye(4))  # fmt: skip
+    [(data, kwargs, _)] = read_layers(str(path))
+    opened = viewer.add_image(data, **kwargs)
+    widget._note_unknown_orientation(opened, oriented, 3)  # opened from NIfTI by the reader
+    widget._note_unknown_orientation(image, widget.model_picker.model_path(), 3)  # no orientation
+    assert len(messages) == count
+
+
 def test_segment_extra_uncertainty_layer(qtbot, setup):
     viewer, widget, image, _ = setup
     widget.extra.setCurrentText("uncertainty")

@@ -45,6 +45,7 @@ from ._common import (
     scrolling_layout,
     unwrap,
     user_error,
+    warn,
 )
 
 EXTRAS = ("none", "uncertainty", "probabilities")
@@ -242,6 +243,7 @@ class SegmentWidget(QWidget):
             "metadata": {k: layer.metadata[k] for k in SOURCE_KEYS if k in layer.metadata},
         }
         spacing = layer_spacing(layer)
+        self._note_unknown_orientation(layer, model_path, data.ndim)
         self._check_device()  # torch is imported here, in the GUI thread, before the worker
         return self.job.start(
             segment_job,
@@ -254,6 +256,22 @@ class SegmentWidget(QWidget):
             watch=[layer],
             what="segmentation",
         )
+
+    @staticmethod
+    def _note_unknown_orientation(layer, model_path: Path, ndim: int) -> None:
+        """Warn when a model that expects an orientation gets a volume without one (not
+        opened by this plugin's reader from a medical format): its axes are taken as is."""
+        from ..modelfile import read_card
+
+        frame = (layer.metadata.get(SOURCE_KEYS[0]) or {}).get("frame")  # the reader's
+        expected = read_card(model_path).orientation
+        if ndim == 3 and expected and frame in (None, "RAS"):  # no file, or a TIFF stack
+            warn(
+                f"{layer.name!r} carries no patient orientation (it was not opened from a "
+                f"NIfTI, DICOM or other medical file by this plugin), so its array axes are "
+                f"taken as {expected}, the model's; if the labels look wrong, open the file "
+                "with napari-selfreg's reader."
+            )
 
     def _add_result(self, output: tuple[Any, Path, Any]) -> None:
         card, model_path, result = output
