@@ -23,18 +23,8 @@ from typing import Any
 
 import numpy as np
 
-SUFFIXES = (
-    ".nii",
-    ".nii.gz",
-    ".hdr",
-    ".img",
-    ".mgh",
-    ".mgz",
-    ".mnc",
-    ".dcm",
-    ".tif",
-    ".tiff",
-)
+from .io.volume import READ_SUFFIXES as SUFFIXES  # numpy only: napari starts fast
+
 # a word of the file name that says labels: seg, dseg, mask, labels, aseg, aparc, ...
 # (whole words: brainmask.mgz and T1w_masked are skull-stripped intensities)
 LABEL_WORD = re.compile(r"^(masks?|annot|annotations?|segmentations?|.*seg|.*parc|.*labels?|labelmaps?)$")  # fmt: skip
@@ -62,14 +52,38 @@ def napari_get_reader(path: str | os.PathLike | list) -> Callable[[Any], list[La
     return None
 
 
+MAX_CHANNEL_LAYERS = 8  # a 4D file with more volumes (fMRI, DWI) opens its first one
+
+
 def read_layers(path: str | os.PathLike | list) -> list[LayerData]:
-    """Read one volume as napari layer data ``[(data, kwargs, "image" | "labels")]``."""
-    from .io import read_volume
+    """Read a volume as napari layer data ``[(data, kwargs, "image" | "labels")]``.
+
+    A 4D file (channels, echoes, time points) gives one layer per volume, named
+    ``name [k]``, as napari splits channels; beyond ``MAX_CHANNEL_LAYERS`` volumes only
+    the first opens, with a warning that says how to reach the others.
+    """
+    from .io import ChannelsError, read_volume
 
     if isinstance(path, list | tuple):
         path = path[0]
-    volume = read_volume(path)
     name = _layer_name(Path(path))
+    try:
+        return _layer_data(read_volume(path), path, name)
+    except ChannelsError as err:
+        count = err.count
+    if count > MAX_CHANNEL_LAYERS:
+        from napari.utils.notifications import show_warning
+
+        show_warning(f"{Path(path).name} holds {count} volumes; opened the first. Segment another with 'napari-selfreg segment {Path(path).name} --channel K'.")  # fmt: skip
+        return _layer_data(read_volume(path, channel=0), path, f"{name} [0]")
+    return [
+        layer
+        for k in range(count)
+        for layer in _layer_data(read_volume(path, channel=k), path, f"{name} [{k}]")
+    ]
+
+
+def _layer_data(volume, path, name: str) -> list[LayerData]:
     medical = volume.metadata.get("format") != "tiff"
     data, transform, meta = place(volume.data, volume.affine, medical)
     meta.update(

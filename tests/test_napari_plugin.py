@@ -119,7 +119,9 @@ def test_manifest_contributions():
     ]
     assert {s.key for s in contrib.sample_data} == {"mni152", "phantom"}
     assert contrib.readers[0].accepts_directories
-    assert "*.nii.gz" in contrib.readers[0].filename_patterns
+    from napari_selfreg.io import READ_SUFFIXES
+
+    assert set(contrib.readers[0].filename_patterns) == {f"*{s}" for s in READ_SUFFIXES}
     assert {tuple(w.layer_types) for w in contrib.writers} == {("labels",), ("image",)}
 
 
@@ -196,6 +198,25 @@ def test_reader_opens_integer_label_files_as_labels(tmp_path):
 def test_the_file_name_decides_labels_by_whole_words(name, labels):
     assert _looks_like_labels(np.zeros(3, np.uint8), name) is labels
     assert _looks_like_labels(np.zeros(3, np.float32), name) is False
+
+
+def test_reader_opens_each_volume_of_a_4d_file(tmp_path, monkeypatch):
+    echoes = np.stack([np.full((6, 7, 5), k, np.float32) for k in range(3)], axis=-1)
+    path = _nifti(tmp_path / "multi_echo.nii.gz", echoes)
+    layers = napari_get_reader(str(path))(str(path))
+    assert [kw["name"] for _, kw, _ in layers] == [f"multi_echo [{k}]" for k in range(3)]
+    for k, (data, kwargs, kind) in enumerate(layers):
+        assert (
+            kind == "image"
+            and sorted(np.shape(data)) == [5, 6, 7]
+            and np.all(np.asarray(data) == k)
+        )
+        assert kwargs["metadata"][META_KEY]["metadata"]["channel"] == k
+    warned = []
+    monkeypatch.setattr("napari.utils.notifications.show_warning", warned.append)
+    series = _nifti(tmp_path / "bold.nii.gz", np.zeros((4, 4, 3, 20), np.float32))
+    [(data, kwargs, _)] = napari_get_reader(str(series))(str(series))
+    assert kwargs["name"] == "bold [0]" and "holds 20 volumes" in warned[0] and "--channel" in warned[0]  # fmt: skip
 
 
 def test_reader_takes_dicom_folders(tmp_path):

@@ -31,6 +31,7 @@ from .volume import (
     READ_SUFFIXES,
     TIFF_SUFFIXES,
     WRITE_SUFFIXES,
+    ChannelsError,
     Volume,
     VolumeError,
     VolumeReadError,
@@ -51,6 +52,6 @@ def napari_transform(volume_or_affine: Volume | np.ndarray, ndim: int | None = N
 
 __all__ = [
     "DICOM_SUFFIXES", "LPS_TO_RAS", "NIBABEL_SUFFIXES", "READ_SUFFIXES", "TIFF_SUFFIXES",
-    "WRITE_SUFFIXES", "Volume", "VolumeError", "VolumeReadError", "VolumeWriteError",
+    "WRITE_SUFFIXES", "ChannelsError", "Volume", "VolumeError", "VolumeReadError", "VolumeWriteError",
     "napari_transform", "read_volume", "write_labels", "write_volume",
 ]  # fmt: skip

@@ -20,7 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from .volume import LPS_TO_RAS, Volume, VolumeReadError, _f32, _is_dicom_file, _make_volume
+from .volume import (
+    LPS_TO_RAS,
+    ChannelsError,
+    Volume,
+    VolumeReadError,
+    _f32,
+    _is_dicom_file,
+    _make_volume,
+)
 
 
 @dataclass
@@ -275,7 +283,7 @@ def _stack(slices, pixels, channel, p: Path, header, warn: set[str]) -> Volume:
         raise VolumeReadError(f"{p} has {counts[0]} to {counts[-1]} images per slice position; the series is incomplete or mixes acquisitions.")  # fmt: skip
     n = counts[0]
     if n > 1 and channel is None:
-        raise VolumeReadError(f"{p} is 4D with {n} images per slice position (time points or echoes); pass channel=0..{n - 1} to pick one.")  # fmt: skip
+        raise ChannelsError(f"{p} is 4D with {n} images per slice position (time points or echoes); pass channel=0..{n - 1} (--channel on the command line) to pick one.", n)  # fmt: skip
     if not 0 <= (channel or 0) < n:
         raise VolumeReadError(f"channel {channel} is out of range for {p}, which has {n} images per slice position (0..{n - 1}).")  # fmt: skip
     chosen = [sorted(g, key=lambda s: s.order_key)[channel or 0] for g in groups]

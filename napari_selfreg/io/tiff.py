@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .volume import Volume, VolumeReadError, _f32, _make_volume
+from .volume import ChannelsError, Volume, VolumeReadError, _f32, _make_volume
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _read_tiff(p: Path, channel: int | None) -> Volume:
     if other:
         n = data.shape[other[0]]
         if channel is None:
-            raise VolumeReadError(f"{p} is 4D with {n} images along its {axes[other[0]]} axis (channels or time points); pass channel=0..{n - 1} to pick one.")  # fmt: skip
+            raise ChannelsError(f"{p} is 4D with {n} images along its {axes[other[0]]} axis (channels or time points); pass channel=0..{n - 1} (--channel on the command line) to pick one.", n)  # fmt: skip
         if not 0 <= channel < n:
             raise VolumeReadError(f"channel {channel} is out of range for {p}, which has {n} images along its {axes[other[0]]} axis (0..{n - 1}).")  # fmt: skip
         data = np.take(data, channel, axis=other[0])

@@ -39,6 +39,14 @@ class VolumeReadError(VolumeError):
     """A volume cannot be read (missing, empty, corrupt, ambiguous or unsupported)."""
 
 
+class ChannelsError(VolumeReadError):
+    """A 4D file holds ``count`` volumes and no channel was picked."""
+
+    def __init__(self, message: str, count: int):
+        super().__init__(message)
+        self.count = count
+
+
 class VolumeWriteError(VolumeError):
     """A volume cannot be written (bad path, folder not writable, disk full)."""
 
@@ -129,7 +137,7 @@ def _pick(
     if extra:
         n = shape[extra[0]]
         if channel is None:
-            raise VolumeReadError(f"{path} is 4D with {n} volumes along its 4th axis (time points or channels); pass channel=0..{n - 1} to pick one.")  # fmt: skip
+            raise ChannelsError(f"{path} is 4D with {n} volumes along its 4th axis (time points or channels); pass channel=0..{n - 1} (--channel on the command line) to pick one.", n)  # fmt: skip
         if not 0 <= channel < n:
             raise VolumeReadError(f"channel {channel} is out of range for {path}, which has {n} volumes (0..{n - 1}).")  # fmt: skip
         slicer[extra[0]] = channel
