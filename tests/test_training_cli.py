@@ -79,6 +79,22 @@ def test_train_then_segment_then_finetune(folders, capsys):
     assert not (folders / "review3.nii.gz").exists() and not (folders / "model-ft3").exists()
 
 
+def test_ctrl_c_says_whether_there_is_a_checkpoint_to_resume(folders, capsys, monkeypatch):
+    from napari_selfreg.training import cli as training_cli
+
+    def interrupted(job, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_cli, "_drain", interrupted)
+    args = ["train", "--images", str(folders / "images"), "--labels", str(folders / "labels"),
+            "--out", str(folders / "m"), "--iterations", "1", *TINY]  # fmt: skip
+    assert main(args) == 130
+    assert "before the first checkpoint; nothing to resume" in capsys.readouterr().err
+    (folders / "m.checkpoints" / "last").mkdir(parents=True)
+    assert main([*args, "--resume"]) == 130
+    assert "continue with --resume" in capsys.readouterr().err
+
+
 def test_split_from_reuses_the_saved_split(folders):
     common = ["train", "--images", str(folders / "images"), "--labels", str(folders / "labels"),
               "--iterations", "1", "--quiet", *TINY]  # fmt: skip

@@ -238,12 +238,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         from .checkpoint import checkpoint_dir
 
-        if rank0:
-            print(
-                f"napari-selfreg: interrupted; the checkpoints in {checkpoint_dir(args.out)} are "
-                "kept - continue with --resume",
-                file=sys.stderr,
-            )
+        folder = checkpoint_dir(args.out)
+        if rank0 and (folder / "last").is_dir():
+            print(f"napari-selfreg: interrupted; the checkpoints in {folder} are kept - continue with --resume", file=sys.stderr)  # fmt: skip
+        elif rank0:
+            print("napari-selfreg: interrupted before the first checkpoint; nothing to resume", file=sys.stderr)  # fmt: skip
         return 130
     if rank0:
         print(path)
