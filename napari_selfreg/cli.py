@@ -531,8 +531,10 @@ def cmd_models(args) -> int:
 def cmd_sample(args) -> int:
     from .data import write_sample
 
-    for path in write_sample(args.name, args.output):
-        print(f"wrote {path}")
+    folder = Path(args.output).expanduser()
+    existed = set(folder.glob(f"{args.name}_*.nii.gz")) if folder.is_dir() else set()
+    for path in write_sample(args.name, folder):
+        print(f"kept the existing {path}" if path in existed else f"wrote {path}")
     return 0
 
 

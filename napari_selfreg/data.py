@@ -406,7 +406,8 @@ SAMPLES: dict[str, Sample] = {
 
 
 def write_sample(name: str, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write a sample as ``NAME_image.nii.gz`` and ``NAME_labels.nii.gz`` in ``out_dir``.
+    """Write a sample as ``NAME_image.nii.gz`` and ``NAME_labels.nii.gz`` in ``out_dir``;
+    a file of that name already there is kept (it may be the user's, edited).
 
     Raises:
         ValueError: unknown sample name (the message lists the valid ones).
@@ -418,6 +419,9 @@ def write_sample(name: str, out_dir: str | Path) -> tuple[Path, Path]:
     image, labels, affine = SAMPLES[name].load()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    image_path = io.write_volume(out / f"{name}_image.nii.gz", image, affine=affine)
-    labels_path = io.write_labels(out / f"{name}_labels.nii.gz", labels, affine=affine)
-    return Path(image_path), Path(labels_path)
+    image_path, labels_path = out / f"{name}_image.nii.gz", out / f"{name}_labels.nii.gz"
+    if not image_path.exists():
+        io.write_volume(image_path, image, affine=affine, overwrite=False)
+    if not labels_path.exists():
+        io.write_labels(labels_path, labels, affine=affine, overwrite=False)
+    return image_path, labels_path

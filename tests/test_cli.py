@@ -188,6 +188,11 @@ def test_info_models_and_sample(tiny_model, tmp_path, capsys):
     written = sorted(p.name for p in (tmp_path / "samples").iterdir())
     assert written == ["phantom_image.nii.gz", "phantom_labels.nii.gz"]
     assert f"wrote {tmp_path / 'samples' / 'phantom_image.nii.gz'}" in out
+    edited = tmp_path / "samples" / "phantom_labels.nii.gz"
+    edited.write_bytes(b"the user's own labels")  # a file of that name is never replaced
+    code, out, _ = run(capsys, "sample", "phantom", "-o", tmp_path / "samples")
+    assert code == 0 and f"kept the existing {edited}" in out
+    assert edited.read_bytes() == b"the user's own labels"
 
 
 def test_training_commands_are_registered_when_installed():
