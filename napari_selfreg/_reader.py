@@ -72,9 +72,9 @@ def read_layers(path: str | os.PathLike | list) -> list[LayerData]:
     except ChannelsError as err:
         count = err.count
     if count > MAX_CHANNEL_LAYERS:
-        from napari.utils.notifications import show_warning
+        import warnings  # napari shows a reader's warnings as notifications
 
-        show_warning(f"{Path(path).name} holds {count} volumes; opened the first. Segment another with 'napari-selfreg segment {Path(path).name} --channel K'.")  # fmt: skip
+        warnings.warn(f"{Path(path).name} holds {count} volumes; opened the first. Segment another with 'napari-selfreg segment {Path(path).name} --channel K'.", stacklevel=2)  # fmt: skip
         return _layer_data(read_volume(path, channel=0), path, f"{name} [0]")
     return [
         layer
