@@ -348,17 +348,20 @@ def cmd_segment(args) -> int:
         crop_to_nonzero=args.crop,
         keep_largest=args.keep_largest,
     )
-    created = prepare_output_folders(every)
-    for folder in {o.parent for o in outputs}:
-        clear_stale(folder)
     card = predictor.card
     names = card.class_names if card else [f"class {i}" for i in range(predictor.num_classes)]
     rankings: dict[str, dict] = earlier_rankings(args.rank_slices, skipped)
     statistics: list[dict] = [labels_statistics(s, t, names) for s, t in skipped] if args.statistics else []  # fmt: skip
+    created = prepare_output_folders(every)
+    for folder in {o.parent for o in outputs}:
+        clear_stale(folder)
     failed: list[str] = []
     for source, target in zip(inputs, outputs, strict=True):
         try:
             stats, ranking = segment_one(predictor, source, target, names, args)
+        except KeyboardInterrupt:
+            remove_if_empty(created)  # what is written stays: --skip-existing goes on
+            raise
         except USER_ERRORS as err:
             if not folder_mode:
                 remove_if_empty(created)

@@ -164,6 +164,16 @@ def test_ctrl_c_exits_130(monkeypatch, capsys):
     assert code == 130 and err == "napari-selfreg: interrupted\n"
 
 
+def test_ctrl_c_in_a_folder_run_leaves_no_empty_output_folder(tiny_model, scan, tmp_path, monkeypatch, capsys):  # fmt: skip
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "segment_one", interrupted)
+    out = tmp_path / "new" / "out"
+    code, _, _ = run(capsys, "segment", scan.parent, "-o", out, "--model", tiny_model, "--quiet")
+    assert code == 130 and not (tmp_path / "new").exists()
+
+
 def test_one_line_messages():
     assert (
         cli.one_line(PermissionError(13, "Permission denied", "/x/y")) == "Permission denied: /x/y"
