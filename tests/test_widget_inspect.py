@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from napari_selfreg import analysis, models
-from napari_selfreg.modelfile import ModelCard, save_model
+from napari_selfreg.modelfile import ModelCard, load_model, save_model
 from napari_selfreg.widgets.inspect import CENTRED, InspectWidget
 
 pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_torch_thread")]
@@ -103,6 +103,17 @@ def test_no_image_layer_and_broken_model_are_clear_errors(env, qtbot, tmp_path):
     viewer.add_image(np.zeros((8, 8, 8), np.float32), name="vol")
     assert widget.run() is None  # the chosen model failed to load: the same message again
     assert messages[3] == messages[2] and not widget.job.busy
+
+
+def test_around_the_slice_takes_the_nearest_slice_of_a_thinner_image(env):
+    """The slider can stand beyond a thin image (another layer is deeper): no error."""
+    viewer, widget, messages = env
+    viewer.add_image(_image((40, 24, 24)), name="deep")
+    thin = viewer.add_image(_image((24, 24, 24), seed=1)[:5], name="thin")
+    viewer.dims.ndisplay = 2
+    viewer.dims.set_point(0, 30.0)
+    region, _ = widget._region(thin, load_model(widget.model_picker.model_path()))
+    assert 0 <= region[0].start < region[0].stop <= 5
 
 
 def test_bad_images_are_refused(env):

@@ -332,7 +332,9 @@ class InspectWidget(QWidget):
         mode = self.region_combo.currentData()
         lo, hi = point.copy(), point.copy()
         if mode in (AROUND, None) and sd == 3:
-            # a slab around the current slice, centred on what the canvas shows
+            # a slab around the current slice (the nearest one of this image when the
+            # slider is beyond it), centred on what the canvas shows
+            point = np.clip(point, 0, np.asarray(shape) - 1)
             corners = np.asarray(layer.corner_pixels, float)
             size = [AROUND_SIZE["in-plane" if a in displayed else "across"] for a in range(layer.ndim)]  # fmt: skip
             for a in range(layer.ndim):
