@@ -79,6 +79,18 @@ def _prepare(path: str, data: Any, meta: dict[str, Any]):
         affine = file_affine
     reference = None
     stored = source.get("affine")
+    if stored is not None and array.ndim == 2 and file_shape == array.shape:
+        # a single slice is shown with its in-plane placement only (_reader.place): when
+        # the layer still sits where the reader put it, the file's 3D affine is the truth
+        from .geometry import layer_kwargs
+
+        placed = layer_kwargs(np.asarray(stored, dtype=float), 2)
+        if np.allclose(layer_affine(placed, 2), layer_affine(meta, 2), atol=1e-5):
+            affine = np.asarray(stored, dtype=float)
+            shape = tuple((source.get("metadata") or {}).get("original_shape") or ())[:3]
+            if len(shape) == 3 and shape[:2] == array.shape and shape[2] == 1:
+                array = array[..., None]  # the file's (x, y, 1)
+                file_shape = shape
     if (
         stored is not None
         and file_shape == array.shape

@@ -218,6 +218,26 @@ def test_reader_opens_each_volume_of_a_4d_file(tmp_path):
     assert kwargs["name"] == "bold [0]"
 
 
+@pytest.mark.parametrize("plane", ["axial", "coronal"])
+def test_a_single_slice_is_written_back_where_it_was(tmp_path, plane):
+    """A 2D layer shows only its in-plane placement; the file's 3D affine is written back."""
+    from napari.layers import Image, Labels
+
+    from napari_selfreg._writer import write_labels
+
+    affine = np.diag([0.8, 0.9, 2.5, 1.0])
+    if plane == "coronal":  # the slice's rows run along S, its one voxel along A
+        affine[:3, :3] = [[0.8, 0, 0], [0, 0, 2.5], [0, 0.9, 0]]
+    affine[:3, 3] = [-10.0, 20.0, 30.0]
+    path = _nifti(tmp_path / f"{plane}.nii.gz", np.arange(120, dtype=np.int16).reshape(10, 12, 1), affine)  # fmt: skip
+    [(data, kwargs, _)] = napari_get_reader(str(path))(str(path))
+    image = Image(data, **kwargs)
+    labels = Labels((np.asarray(data) > 50).astype(np.uint8), metadata=image.metadata, **{k: getattr(image, k) for k in ("scale", "translate", "rotate", "shear", "affine")})  # fmt: skip
+    [out] = write_labels(str(tmp_path / "labels.nii.gz"), labels.data, labels.as_layer_data_tuple()[1])  # fmt: skip
+    back = nib.load(out)
+    assert back.shape == (10, 12, 1) and np.allclose(back.affine, affine)
+
+
 def test_reader_takes_dicom_folders(tmp_path):
     folder = _dicom_series(tmp_path / "series")
     reader = napari_get_reader(str(folder))
