@@ -147,6 +147,10 @@ def test_bad_inputs_give_one_sentence_errors(tmp_path):
     raw = (tmp_path / "u.nii").read_bytes()
     (tmp_path / "cut.nii").write_bytes(raw[: len(raw) // 2])
     cases["cut.nii"] = "truncated or corrupt"
+    header = nib.load(tmp_path / "u.nii").header.copy()
+    header.set_data_shape((30000, 30000, 30000))  # a damaged header, the voxels unchanged
+    (tmp_path / "huge.nii").write_bytes(header.binaryblock + raw[348:])
+    cases["huge.nii"] = r"truncated or corrupt: its header promises 30000 x 30000 x 30000 voxels"
     (tmp_path / "emptydir").mkdir()
     cases["emptydir"] = "holds no DICOM images"
     (tmp_path / "junkdir").mkdir()

@@ -28,6 +28,7 @@ def _read_nibabel(p: Path, channel: int | None) -> Volume:
                 raise VolumeReadError(f"{p} is not a valid gzip-compressed image (another file type renamed, or corrupt).")  # fmt: skip
     try:
         img = nib.load(p, mmap=False)
+        _check_size(img, p)
         slicer, kept = _pick(tuple(int(n) for n in img.shape), channel, p)
         data = _read_proxy(img.dataobj, slicer, kept, p)
     except VolumeReadError:
@@ -59,6 +60,21 @@ def _read_nibabel(p: Path, channel: int | None) -> Volume:
     else:
         affine = _f32(affine)
     return _make_volume(data, affine, p, fmt, img.header, **extra)
+
+
+def _check_size(img, path: Path) -> None:
+    """An uncompressed file must hold the voxels its header promises (a damaged header
+    claiming 30000^3 voxels is corrupt, not a reason to run out of memory)."""
+    from nibabel.arrayproxy import ArrayProxy
+
+    dataobj = img.dataobj
+    data_file = img.file_map["image"].filename
+    if type(dataobj) is not ArrayProxy or str(data_file).lower().endswith((".gz", ".mgz")):
+        return
+    need = int(dataobj.offset) + int(np.prod(dataobj.shape, dtype=np.float64)) * np.dtype(dataobj.dtype).itemsize  # fmt: skip
+    size = Path(data_file).stat().st_size
+    if size < need:
+        raise VolumeReadError(f"{path} is truncated or corrupt: its header promises {' x '.join(map(str, dataobj.shape))} voxels ({need:,} bytes) but the file holds {size:,}.")  # fmt: skip
 
 
 def _read_gzip_checked(path: Path, dataobj) -> np.ndarray:
