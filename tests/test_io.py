@@ -452,6 +452,17 @@ def test_nifti_units_other_than_mm_are_read_in_mm(tmp_path, unit, size):
     assert back.metadata["header"].get_xyzt_units() == ("mm", "sec")
 
 
+def test_written_files_keep_the_geometry_not_the_sources_extensions(tmp_path):
+    img = nib.Nifti1Image(np.ones((4, 5, 6), np.int16), np.diag([1.5, 1.5, 2.0, 1.0]))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"source notes"))
+    img.header["aux_file"] = b"source.lut"
+    nib.save(img, tmp_path / "t1.nii.gz")
+    read = read_volume(tmp_path / "t1.nii.gz")
+    back = nib.load(io.write_labels(tmp_path / "labels.nii.gz", np.ones((4, 5, 6), np.uint8), read))  # fmt: skip
+    assert len(back.header.extensions) == 0 and back.header["aux_file"].item() == b""
+    assert np.array_equal(back.affine, read.affine)
+
+
 def test_write_dtypes_and_replace(tmp_path):
     affine = np.diag([1.5, 1.5, 1.5, 1.0])
     path = io.write_volume(tmp_path / "b.nii.gz", np.ones((4, 5, 6), bool), affine=affine)

@@ -26,6 +26,8 @@ def _nifti_header(reference: Volume | None, affine: np.ndarray):
         hdr = hdr.copy()
         if reference.metadata.get("spatial_unit"):  # read in metres or microns: written in mm
             hdr.set_xyzt_units("mm", hdr.get_xyzt_units()[1])
+        del hdr.extensions[:]  # AFNI / comment extensions describe the source's voxels
+        hdr["aux_file"] = b""
         return hdr
     return None
 
