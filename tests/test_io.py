@@ -463,6 +463,17 @@ def test_written_files_keep_the_geometry_not_the_sources_extensions(tmp_path):
     assert np.array_equal(back.affine, read.affine)
 
 
+def test_a_sheared_affine_is_written_as_the_sform_only(tmp_path):
+    """A gantry-tilted CT: a qform cannot hold the shear, so it must not claim a frame."""
+    sheared = np.diag([0.5, 0.5, 1.0, 1.0])
+    sheared[1, 2] = 0.3  # slices shifted along y with z
+    back = nib.load(io.write_labels(tmp_path / "tilt.nii.gz", np.ones((4, 5, 6), np.uint8), affine=sheared))  # fmt: skip
+    assert int(back.header["sform_code"]) > 0 and int(back.header["qform_code"]) == 0
+    assert np.allclose(back.affine, sheared)
+    plain = nib.load(io.write_labels(tmp_path / "plain.nii.gz", np.ones((4, 5, 6), np.uint8), affine=np.diag([0.5, 0.5, 1.0, 1.0])))  # fmt: skip
+    assert int(plain.header["qform_code"]) == int(plain.header["sform_code"]) > 0
+
+
 def test_write_dtypes_and_replace(tmp_path):
     affine = np.diag([1.5, 1.5, 1.5, 1.0])
     path = io.write_volume(tmp_path / "b.nii.gz", np.ones((4, 5, 6), bool), affine=affine)

@@ -56,7 +56,10 @@ def _save_nifti(
         img = nib.Nifti1Image(data, affine, dtype=data.dtype)
         code = 1 if reference is not None and reference.metadata.get("format") != "tiff" else 2
         img.header.set_sform(affine, code=code)
-        img.header.set_qform(affine, code=code)
+        # a qform holds no shear (a gantry-tilted CT): then only the sform is valid
+        columns = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+        rigid = np.allclose(columns.T @ columns, np.eye(3), atol=1e-4)
+        img.header.set_qform(affine, code=code if rigid else 0)
         img.header.set_xyzt_units("mm")
     hdr = img.header
     if labels:
