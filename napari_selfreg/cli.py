@@ -233,6 +233,11 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], bool]:
     return found, folder_mode or len(found) > 1
 
 
+# output names that mean a file in another format, not a folder to create
+FILE_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh", ".hdr", ".img", ".mnc",
+                 ".tif", ".tiff", ".dcm", ".gz", ".zip", ".npy", ".txt", ".csv", ".json")  # fmt: skip
+
+
 def plan_outputs(inputs: list[Path], output: str, folder_mode: bool) -> list[Path]:
     """Labels path per input: OUTPUT for one volume and a .nii/.nii.gz OUTPUT, else
     ``OUTPUT/<stem>_labels.nii.gz``."""
@@ -244,6 +249,8 @@ def plan_outputs(inputs: list[Path], output: str, folder_mode: bool) -> list[Pat
         raise ValueError(f"several inputs need an output folder, not the file name {out}")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} is a file; give a folder")
+    if not out.exists() and out.name.lower().endswith(FILE_SUFFIXES):
+        raise ValueError(f"labels are written as .nii or .nii.gz files (or into a folder), not {out.name}")  # fmt: skip
     names = [f"{stem(p)}_labels.nii.gz" for p in inputs]
     if len(set(names)) != len(names):
         raise ValueError("two inputs have the same name; segment them into different folders")

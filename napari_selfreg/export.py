@@ -236,6 +236,8 @@ def _target(path, overwrite: bool, kind: str) -> Path:
             raise FileExistsError(f"output {path} is not a bioimage.io model package; it is not replaced")  # fmt: skip
         if kind == "bundle" and not (path / "configs" / "metadata.json").is_file():
             raise FileExistsError(f"output {path} is not a MONAI bundle; it is not replaced")
+    if kind == "bundle" and path.suffix.lower() in (".zip", ".gz", ".tar"):
+        raise ValueError(f"a MONAI bundle is written as a folder, not {path.name}; give a folder name")  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     clear_stale(path.parent)
     return path

@@ -148,6 +148,9 @@ def test_user_errors_are_one_line(tiny_model, scan, tmp_path, capsys, selfreg_ho
         capsys, "segment", scan, tmp_path / "scan.nii.gz", "-o", tmp_path / "y.nii.gz"
     )
     assert_one_line_error(code, err, "output folder")
+    code, _, err = run(capsys, "segment", scan, "-o", tmp_path / "seg.nrrd", "--model", tiny_model)
+    assert_one_line_error(code, err, "written as .nii or .nii.gz files")
+    assert not (tmp_path / "seg.nrrd").exists()
 
 
 def test_debug_shows_the_traceback(tmp_path):

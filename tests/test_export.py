@@ -195,7 +195,8 @@ def test_cli_export(tiny_model, tmp_path, capsys):
     for argv in (("tiny", "--format", "bioimageio", "-o", tmp_path / "t.zip"),
                  ("tiny", "--format", "monai-bundle", "-o", tmp_path / "b"),
                  ("nope", "--format", "monai-bundle", "-o", tmp_path / "c"),
-                 ("tiny", "--format", "bioimageio", "-o", tmp_path / "t.tar")):  # fmt: skip
+                 ("tiny", "--format", "bioimageio", "-o", tmp_path / "t.tar"),
+                 ("tiny", "--format", "monai-bundle", "-o", tmp_path / "b.zip")):  # fmt: skip
         code, _, err = run(*argv)
         assert code == 2 and err.startswith("napari-selfreg: error: ") and err.count("\n") == 1
     assert "exists; pass --overwrite" in run("tiny", "--format", "bioimageio", "-o", tmp_path / "t.zip")[2]  # fmt: skip
@@ -211,6 +212,7 @@ def test_cli_export(tiny_model, tmp_path, capsys):
     code, _, err = run("tiny", "--format", "bioimageio", "-o", tmp_path / "photos.zip", "--overwrite")  # fmt: skip
     assert code == 2 and "not a bioimage.io model package" in err
     assert zipfile.ZipFile(tmp_path / "photos.zip").namelist() == ["holiday.jpg"]
+    assert not (tmp_path / "b.zip").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".selfreg-")]
 
 
