@@ -73,6 +73,16 @@ def test_an_interrupted_run_needs_resume_or_restart(tmp_path):
         next(iter_train(tiny_config(iterations=50), cases(), tmp_path / "M"))
     with pytest.raises(TrainingError, match="resume with the same architecture options"):
         next(iter_train(tiny_config(iterations=50, arch_options={"channels": [4, 8, 32]}), cases(), tmp_path / "M", resume=True))  # fmt: skip
+    # the data, losses and optimiser of a run stay; its steps and time budget may change
+    for changed in ({"normalization": {"method": "percentile"}}, {"lr": 0.5}, {"optimizer": "sgd"}, {"seed": 7}):  # fmt: skip
+        key = next(iter(changed))
+        with pytest.raises(TrainingError, match=rf"started with other settings \({key} .* or pass --restart"):  # fmt: skip
+            next(iter_train(tiny_config(iterations=50, **changed), cases(), tmp_path / "M", resume=True))  # fmt: skip
+    with pytest.raises(TrainingError, match="pass one"):
+        next(iter_train(tiny_config(iterations=50), cases(), tmp_path / "M", resume=True, restart=True))  # fmt: skip
+    resumed = iter_train(tiny_config(iterations=80, max_seconds=600), cases(), tmp_path / "M", resume=True)  # fmt: skip
+    assert "resumed at iteration" in next(resumed).message
+    resumed.close()
     for _ in iter_train(tiny_config(iterations=6), cases(), tmp_path / "M", restart=True):
         pass
     card = load_model(tmp_path / "M").card

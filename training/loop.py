@@ -136,6 +136,8 @@ class Trainer(SetupMixin, CardMixin):
         self.network = network
         self.base_card = base_card
         self.parent = parent
+        if resume and restart:
+            raise TrainingError("--resume continues a run and --restart starts it over: pass one")
         self.resume, self.restart = resume, restart
         self.resumed_card = None
         self.ckpt = Path(checkpoints) if checkpoints else checkpoint_dir(self.out)
@@ -248,7 +250,7 @@ class Trainer(SetupMixin, CardMixin):
                 if main:
                     clear_stale(self.ckpt)
                     clear_stale(self.out.parent)
-                self.check_run_folder()
+                self.check_run_folder(main)
                 return (yield from self._run_locked())
         except RunLockedError as err:
             raise TrainingError(str(err)) from err

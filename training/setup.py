@@ -26,6 +26,11 @@ from .config import LabelError, TrainingError
 from .datasets import PatchSampler, apply_split, make_split
 from .evaluate import PatchValidation
 
+# settings a resumed run may change; any other change is refused (see _resume)
+RESUMABLE_SETTINGS = {"arch_options", "iterations", "max_seconds", "val_every", "val_patches",
+                      "volume_metrics", "keep", "patience", "num_threads", "device", "precision",
+                      "description", "split"}  # fmt: skip
+
 
 class _TrainStep(nn.Module):
     """What DDP wraps: logits, features and the model's own extra losses in one forward."""
@@ -88,15 +93,17 @@ class SetupMixin:
         self._setup_optimizer(resumed)
         self._setup_sampling()
 
-    def check_run_folder(self) -> None:
-        """Refuse to start over a run that was interrupted, unless told to (``restart``)."""
+    def check_run_folder(self, main: bool = True) -> None:
+        """Refuse to start over a run that was interrupted, unless told to (``restart``).
+        Only the main process (the lock holder) repairs or clears the folder: under
+        torchrun the others must not touch a folder another run may hold."""
         last = self.ckpt / "last"
-        for name in ("last", "best"):
+        for name in ("last", "best") if main else ():
             recover(self.ckpt / name)
         if self.resume or not (last / STATE_FILE).is_file():
             return
         if self.restart:
-            for name in ("last", "best"):
+            for name in ("last", "best") if main else ():
                 shutil.rmtree(self.ckpt / name, ignore_errors=True)
             return
         raise TrainingError(
@@ -122,11 +129,34 @@ class SetupMixin:
                 f"the run in {self.ckpt} was started with {saved}; resume with the same "
                 f"architecture options (not {changed}) or pass --restart"
             )
+        self._check_resumed_settings(bundle.card.training or {})
         self.state.update({k: v for k, v in state.items() if k in (*self.state, "best_dice")})
         self.split = state["split"]
         self.resumed_card = bundle.card
         self.parent = bundle.card.parent
         return bundle, optim_state
+
+    def _check_resumed_settings(self, training: dict) -> None:
+        """A resumed run keeps its settings (data, losses, optimiser, processes...): only
+        the steps, the time budget, validation and the device may change."""
+        import json
+
+        saved = training.get("config") or {}
+        now = json.loads(json.dumps(self.config.to_dict(), default=str))
+        differ = [
+            f"{key} {saved[key]!r} -> {value!r}"
+            for key, value in now.items()
+            if key in saved and key not in RESUMABLE_SETTINGS and saved[key] != value
+        ]
+        processes = training.get("processes")
+        if processes and int(processes) != self.dist.world_size:
+            differ.append(f"processes {processes} -> {self.dist.world_size}")
+        if differ:
+            raise TrainingError(
+                f"the run in {self.ckpt} was started with other settings ({'; '.join(differ)}); "
+                "resume it with the same ones (steps, time budget and device may change) "
+                "or pass --restart"
+            )
 
     def _setup_classes(self) -> None:
         cfg = self.config
