@@ -95,6 +95,27 @@ def test_ctrl_c_says_whether_there_is_a_checkpoint_to_resume(folders, capsys, mo
     assert "continue with --resume" in capsys.readouterr().err
 
 
+def test_an_interrupted_finetune_writes_no_review_map(folders, capsys, monkeypatch):
+    from napari_selfreg.training import cli as training_cli
+
+    def interrupted_in_training(job, *args):
+        for event in job:
+            if type(event).__name__ == "TrainEvent":  # the round is training: Ctrl-C
+                job.close()
+                raise KeyboardInterrupt
+
+    model = folders / "model"
+    assert main(["train", "--images", str(folders / "images"), "--labels", str(folders / "labels"),
+                 "--out", str(model), "--iterations", "2", *TINY]) == 0  # fmt: skip
+    monkeypatch.setattr(training_cli, "_drain", interrupted_in_training)
+    review = folders / "review.nii.gz"
+    args = ["finetune", "--model", str(model), "--image", str(folders / "images" / "c0.nii.gz"),
+            "--labels", str(folders / "labels" / "c0.nii.gz"), "--out", str(folders / "ft"),
+            "--iterations", "50", "--precision", "fp32", "--save-reviewed", str(review)]  # fmt: skip
+    assert main(args) == 130
+    assert not review.exists() and not (folders / "ft").exists()
+
+
 def test_split_from_reuses_the_saved_split(folders):
     common = ["train", "--images", str(folders / "images"), "--labels", str(folders / "labels"),
               "--iterations", "1", "--quiet", *TINY]  # fmt: skip

@@ -301,17 +301,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
 
-    def save_reviewed(review: np.ndarray) -> None:
-        if args.save_reviewed:
-            written = write_labels(args.save_reviewed, review, reference=image, overwrite=False)
-            print(f"wrote the review map {written} (1 reviewed, 2 corrected)", file=sys.stderr)
-
+    review_maps: list[np.ndarray] = []  # written once the round has saved its model
     gen = iter_finetune(
         args.model, image.data, labels.data, masks.get("changed"), config, args.out,
         reviewed=masks.get("reviewed"), review_axis=args.review_axis,
-        affine=image.affine if image.ndim == 3 else None, on_reviewed=save_reviewed,
+        affine=image.affine if image.ndim == 3 else None, on_reviewed=review_maps.append,
     )  # fmt: skip
     path = _drain(gen, "finetune", args.quiet)
+    if args.save_reviewed and review_maps:
+        written = write_labels(args.save_reviewed, review_maps[-1], reference=image, overwrite=False)  # fmt: skip
+        print(f"wrote the review map {written} (1 reviewed, 2 corrected)", file=sys.stderr)
     low = unlearnt((read_card(path).metrics or {}).get("patch_dice") or {})
     if low:
         print(f"napari-selfreg: not learnt yet on the voxels you reviewed: {', '.join(low)}; "
