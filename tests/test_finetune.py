@@ -35,8 +35,8 @@ from napari_selfreg.training.finetune import (
     loss_weights,
     probe_new_classes,
     reviewed_region,
-    to_model_grid,
 )
+from napari_selfreg.training.grid import to_model_grid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "selfreg_home")
 

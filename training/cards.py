@@ -72,8 +72,8 @@ class CardMixin:
                 if self.base_card is not None and self.base_card.patch_size
                 else cfg.patch_size
             ),
-            spacing=base.spacing if base is not None else cfg.spacing,
-            orientation=base.orientation if base is not None else cfg.orientation,
+            orientation=self.grid[0],  # the grid the cases were brought to (setup)
+            spacing=self.grid[1],
             keep_largest=base.keep_largest if base is not None else None,
             description=cfg.description or (base.description if base is not None else ""),
             training=training,

@@ -33,6 +33,7 @@ from napari_selfreg.modelfile import ModelBundle, colors_after, load_model, user
 
 from .config import FinetuneConfig, LabelError, TrainConfig, TrainingError
 from .datasets import Case, PatchSampler, case_from_arrays, check_labels, number_new_classes
+from .grid import to_model_grid
 from .loop import Trainer
 from .setup import check_classes
 
@@ -308,36 +309,6 @@ def reviewed_case(case: Case, reviewed: np.ndarray) -> Case:
     """
     weight = np.asarray(reviewed, dtype=np.float32)
     return dataclasses.replace(case, name=f"{case.name} (reviewed voxels)", weight=weight, _class_index={})  # fmt: skip
-
-
-def to_model_grid(card, affine: np.ndarray | None, arrays: dict[str, tuple[np.ndarray, int]]):
-    """Arrays in the stored order -> the model's orientation and spacing.
-
-    ``arrays`` maps a name to ``(array, interpolation order)`` (1 for the image, 0 for
-    labels and masks). Without an affine, or for a card without orientation and
-    spacing, the arrays are returned as they are.
-    """
-    from napari_selfreg import geometry, preprocess
-
-    out = {k: np.asarray(a) for k, (a, _) in arrays.items()}
-    spatial = next(iter(out.values())).shape
-    if affine is None or len(spatial) != 3:
-        return out, {}
-    spacing = geometry.spacing_from_affine(affine)
-    info: dict[str, Any] = {}
-    if getattr(card, "orientation", None):
-        turn = geometry.reorientation(affine, card.orientation)
-        if not turn.identity:
-            out = {k: np.ascontiguousarray(turn.apply(a)) for k, a in out.items()}
-            spacing = turn.spacing(spacing)
-            info["reoriented"] = {"stored": turn.source, "model": turn.target}
-    target = [float(v) for v in card.spacing] if getattr(card, "spacing", None) else None
-    if target and len(target) == 3 and not np.allclose(spacing, target, rtol=1e-3):
-        out = {
-            k: preprocess.resample(a, spacing, target, order=arrays[k][1]) for k, a in out.items()
-        }
-        info["resampled"] = {"from": list(spacing), "to": target}
-    return out, info
 
 
 def _changed_against_prediction(

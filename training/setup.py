@@ -25,6 +25,7 @@ from .checkpoint import STATE_FILE, read_checkpoint, recover
 from .config import LabelError, TrainingError
 from .datasets import PatchSampler, apply_split, make_split
 from .evaluate import PatchValidation
+from .grid import case_to_grid, data_grid
 
 # settings a resumed run may change; any other change is refused (see _resume)
 RESUMABLE_SETTINGS = {"arch_options", "iterations", "max_seconds", "val_every", "val_patches",
@@ -87,6 +88,7 @@ class SetupMixin:
             "bad_validations": 0, "history": [],
         }  # fmt: skip
         resumed = self._resume() if self.resume else None
+        self._setup_grid()
         self._setup_classes()
         self._setup_split()
         self._setup_network(resumed)
@@ -157,6 +159,21 @@ class SetupMixin:
                 "resume it with the same ones (steps, time budget and device may change) "
                 "or pass --restart"
             )
+
+    def _setup_grid(self) -> None:
+        """The orientation and spacing the model learns in (``training.grid``): the
+        parent's or the resumed run's, the settings', else the data's; cases are brought
+        there (a fine-tune's data is already in its parent's grid)."""
+        cfg = self.config
+        template = self.base_card or self.resumed_card
+        if template is not None:
+            self.grid = (template.orientation, template.spacing)
+        elif cfg.orientation or cfg.spacing or self.patch_source is not None:
+            self.grid = (cfg.orientation, cfg.spacing)
+        else:
+            self.grid = data_grid([c.affine for c in self.cases])
+        if self.base_card is None and any(self.grid):
+            self.cases = [case_to_grid(c, *self.grid) for c in self.cases]
 
     def _setup_classes(self) -> None:
         cfg = self.config
