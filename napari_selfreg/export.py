@@ -438,6 +438,9 @@ def monai_inference_config(card, net: nn.Module) -> dict[str, Any]:
     pytorch-ignite; MONAI Label reads its ``network_def``, ``preprocessing``, ``inferer`` and
     ``postprocessing``. The normalisation is napari-selfreg's own (``normalize_channels``)."""
     spatial = card.orientation or card.spacing
+    nd = int(getattr(net, "spatial_dims", 3))
+    window = {"_target_": "SlidingWindowInferer", "roi_size": _patch(card, net), "sw_batch_size": 4, "overlap": 0.25,
+              "mode": "gaussian", "sigma_scale": 0.125, "padding_mode": "replicate"}  # fmt: skip
     pre = [
         {"_target_": "LoadImaged", "keys": "image", "reader": "NibabelReader", "image_only": True},
         {"_target_": "EnsureChannelFirstd", "keys": "image"},
@@ -469,10 +472,12 @@ def monai_inference_config(card, net: nn.Module) -> dict[str, Any]:
         "preprocessing": {"_target_": "Compose", "transforms": pre},
         "dataset": {"_target_": "Dataset", "data": "$[{'image': f} for f in @datalist]", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False, "num_workers": 0},
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": _patch(card, net), "sw_batch_size": 4, "overlap": 0.25,
-                    "mode": "gaussian", "sigma_scale": 0.125, "padding_mode": "replicate"},
+        "image_inferer": window,  # an image of the network's own dimension
+        # MONAI Label runs "inferer": a 2D network segments volumes slice by slice along
+        # their first axis (in the card's orientation), as our predictor does
+        "inferer": window if nd == 3 else {**window, "_target_": "SliceInferer", "spatial_dim": 0},
         "postprocessing": {"_target_": "Compose", "transforms": post},
-        "predict": "$torch.no_grad()(lambda image: @inferer(image.to(@device), @network))",
+        "predict": "$torch.no_grad()(lambda image: (@inferer if image.ndim == 5 else @image_inferer)(image.to(@device), @network))",
         "initialize": ["$monai.utils.set_determinism(seed=0)"],
         "run": ["$@load_weights",  # returns the segmented files
                 "$[@postprocessing(item)['pred'].meta['filename_or_obj'] for batch in @dataloader for item in "

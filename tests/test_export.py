@@ -159,6 +159,28 @@ def test_monai_bundle_runs_like_our_predictor(bundle, trained, scan, tmp_path):
     assert (ts == labels).mean() >= 0.999
 
 
+def test_the_bundle_of_a_2d_model_segments_volumes_slice_by_slice(scan, tmp_path):
+    """MONAI's SliceInferer along the first axis of the card's orientation, as ours does."""
+    from napari_selfreg import models
+
+    torch.manual_seed(0)
+    net = models.build("unet2d", channels=(4, 8, 16), num_classes=3).eval()
+    card = ModelCard(
+        name="tiny-2d", architecture="unet2d",
+        options={"channels": [4, 8, 16], "num_classes": 3, "in_channels": 1},
+        class_names=["background", "outer", "inner"], normalization=SPEC,
+        patch_size=[16, 16], orientation="RAS",
+    )  # fmt: skip
+    model = load_model(save_model(net, card, tmp_path / "tiny-2d"))
+    config = json.loads((export.export_monai_bundle(model, tmp_path / "b2d") / "configs" / "inference.json").read_text())  # fmt: skip
+    assert (
+        config["inferer"]["_target_"] == "SliceInferer" and config["inferer"]["spatial_dim"] == 0
+    )
+    labels = run_bundle(tmp_path / "b2d", scan, tmp_path / "out", **{"inferer#mode": "constant"})
+    ours = predict(model, gaussian=False, tile=(16, 16))
+    assert labels.shape == ours.shape and (labels == ours).mean() >= 0.999
+
+
 class Scripted(torch.nn.Module):
     """A TorchScript module as our predictor's network (attributes it reads); the scripted
     module is kept out of the module tree (the predictor copies the network to the meta
