@@ -73,8 +73,13 @@ def auto_batch(tile: Sequence[int], device: torch.device) -> int:
     return int(max(1, min(64, round(4 * ratio))))
 
 
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")  # CUDA/MPS, CPU
+
+
 def is_out_of_memory(err: BaseException) -> bool:
-    """True for allocator out-of-memory errors (CUDA, MPS, CPU)."""
-    if isinstance(err, torch.OutOfMemoryError):
+    """True for allocator out-of-memory errors (CUDA, MPS, and the CPU allocator's
+    "DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
         return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(words in text for words in OUT_OF_MEMORY)
