@@ -304,9 +304,15 @@ def export_bioimageio(model, out_zip, *, overwrite: bool = False, image=None) ->
         ValueError: unknown model, not a ``.zip`` name, a network TorchScript cannot copy.
         FileExistsError: ``out_zip`` exists and ``overwrite`` is False (or it is no file).
     """
-    import bioimageio.spec.model.v0_5 as bio
+    try:
+        import bioimageio.spec.model.v0_5 as bio
+        from bioimageio.spec import save_bioimageio_package
+    except ImportError as err:
+        raise ValueError(
+            "the bioimage.io export needs the bioimageio.spec package: "
+            "pip install 'napari-selfreg[export]'"
+        ) from err
     import tifffile
-    from bioimageio.spec import save_bioimageio_package
 
     from . import __version__
     from .files import publish

@@ -30,7 +30,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # Pin the CPU build first: a bare torch requirement would pull a multi-GB CUDA build.
   .venv/bin/python -m pip install -q "$TORCH_PIN"
-  .venv/bin/python -m pip install -q -e ".[qt,test,slicer]"
+  .venv/bin/python -m pip install -q -e ".[qt,test,slicer,export]"
   touch "$stamp"
 fi
 echo "setup: ready (.venv)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import zipfile
 
 import numpy as np
@@ -236,6 +237,14 @@ def test_cli_export(tiny_model, tmp_path, capsys):
     assert zipfile.ZipFile(tmp_path / "photos.zip").namelist() == ["holiday.jpg"]
     assert not (tmp_path / "b.zip").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".selfreg-")]
+
+
+def test_without_bioimageio_spec_the_export_says_what_to_install(tiny_model, tmp_path, capsys, monkeypatch):  # fmt: skip
+    monkeypatch.setitem(sys.modules, "bioimageio.spec.model.v0_5", None)  # not installed
+    code = cli.main(["export", str(tiny_model), "--format", "bioimageio", "-o", str(tmp_path / "m.zip")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'napari-selfreg[export]'" in err and err.count("\n") == 1
+    assert not (tmp_path / "m.zip").exists()
 
 
 def test_normalize_channels_keeps_monai_metadata():
