@@ -353,6 +353,9 @@ def test_card_keep_largest_drops_the_smaller_pieces_of_a_class_group():
     assert kept.info["keep_largest"] == {"groups": [[1]], "voxels_removed": 3 * 4 * 4}
     off = Predictor(bundle, tile=8, overlap=0.0, device="cpu", keep_largest=False).segment(image)
     np.testing.assert_array_equal(off.labels, both.labels)
+    slab = Predictor(bundle, tile=8, overlap=0.0, device="cpu").segment(image[8:14])
+    assert slab.info["keep_largest"]["skipped"] == "a slab of 6 voxels"  # thinner than a tile
+    np.testing.assert_array_equal(slab.labels, both.labels[8:14])  # both pieces stay
     with pytest.raises(ValueError, match="beyond"):
         raw(Pointwise(), keep_largest=[[2]])
 

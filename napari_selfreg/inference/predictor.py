@@ -93,7 +93,10 @@ class Predictor:
             volumes, as nnU-Net crops); outside it the labels are background. A
             brain-extracted scan needs about half the tiles.
         keep_largest: apply the card's ``keep_largest`` post-processing (only the
-            largest connected piece of each group of classes is kept) to in-memory results.
+            largest connected piece of each group of classes is kept) to in-memory results
+            at least a tile thick (a thin slab cuts an organ into real pieces). It edits
+            the labels only: probabilities and uncertainty stay the network's, as
+            nnU-Net saves its softmax before post-processing.
     """
 
     def __init__(
@@ -248,7 +251,7 @@ class Predictor:
                 t_tiled = time.perf_counter()
                 result = sink.finish()
                 t_finished = time.perf_counter()
-                pieces = self._keep_largest(result)
+                pieces = self._keep_largest(result, work.model_shape)
                 t_postprocess = time.perf_counter() - t_finished
             except BaseException:  # cancel (GeneratorExit) included: leave nothing behind
                 sink.abort()
@@ -277,14 +280,18 @@ class Predictor:
             result.uncertainty = None
         return result
 
-    def _keep_largest(self, result: SegmentationResult) -> dict:
+    def _keep_largest(self, result: SegmentationResult, model_shape) -> dict:
         """The card's ``keep_largest`` post-processing on in-memory labels (a streamed zarr
-        result is left as written); the info it adds."""
+        result and a slab thinner than a tile in the model's grid are left as they are);
+        the info it adds."""
         groups = getattr(self.card, "keep_largest", None)
         if not groups or not self.keep_largest:
             return {}
         if not isinstance(result.labels, np.ndarray):
             return {"keep_largest": {"groups": groups, "skipped": "streamed result"}}
+        thinnest = min(int(n) for n in model_shape)
+        if self.spatial_dims == 3 and thinnest < min(self.tile):  # its faces cut real pieces
+            return {"keep_largest": {"groups": groups, "skipped": f"a slab of {thinnest} voxels"}}
         removed = keep_largest_pieces(result.labels, groups)
         return {"keep_largest": {"groups": groups, "voxels_removed": removed}}
 
