@@ -199,6 +199,26 @@ def test_segment_equals_the_cli_voxel_for_voxel_in_the_volume_geometry(
         assert tuple(image.GetExtent()) == (0, SHAPE[0] - 1, 0, SHAPE[1] - 1, 0, SHAPE[2] - 1)
 
 
+def test_a_parent_transform_says_where_the_anatomy_points(scene, ras_model, tmp_path):
+    """A volume stored mirrored and set right by a linear transform segments as the volume
+    stored right does: the predictor reorients with the matrix in the scene."""
+    right = read_with_slicer(scene, write_scan(tmp_path, "axis-aligned"))
+    mirror = np.diag([-1.0, 1.0, 1.0, 1.0])  # x mirrored in RAS
+    stored = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "mirrored")
+    stored.SetAndObserveImageData(right.GetImageData())
+    stored.SetIJKToRASMatrix(nodes.array_to_matrix(mirror @ nodes.ijk_to_ras(right)))
+    fix = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "set right")
+    fix.SetMatrixTransformToParent(nodes.array_to_matrix(mirror))
+    stored.SetAndObserveTransformNodeID(fix.GetID())
+    np.testing.assert_allclose(nodes.ijk_to_world(stored), nodes.ijk_to_ras(right))
+    names = read_card(ras_model).class_names
+    expected = segment_labels(SelfRegSegmentationLogic().segment(right, ras_model, **OPTIONS), right, names)  # fmt: skip
+    segmentation = SelfRegSegmentationLogic().segment(stored, ras_model, **OPTIONS)
+    labels = segment_labels(segmentation, stored, names)
+    assert len(np.unique(expected)) == 3
+    np.testing.assert_array_equal(labels, expected)
+
+
 def test_a_cancelled_segmentation_adds_no_node(scene, tiny_model, tmp_path):
     volume = read_with_slicer(scene, write_scan(tmp_path, "oblique"))
     before = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")

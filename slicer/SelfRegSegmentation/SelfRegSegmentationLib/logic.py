@@ -164,8 +164,10 @@ class SelfRegSegmentationLogic:
 
     @staticmethod
     def image_and_affine(volume_node) -> tuple[np.ndarray, np.ndarray]:
-        """The volume as napari-selfreg sees it: ``(i, j, k)`` array and IJK-to-RAS affine."""
-        return nodes.volume_array(volume_node), nodes.ijk_to_ras(volume_node)
+        """The volume as napari-selfreg sees it: ``(i, j, k)`` array and IJK-to-RAS affine
+        in the scene (parent transforms applied: they say where the anatomy points). New
+        nodes go under the volume's transform, so they are placed with the local matrix."""
+        return nodes.volume_array(volume_node), nodes.ijk_to_world(volume_node)
 
     # ------------------------------------------------------------------ segment
     def iter_segment(self, volume_node, model=None, name: str | None = None, **options):
@@ -184,7 +186,8 @@ class SelfRegSegmentationLogic:
         node = nodes.new_segmentation(
             scene, name or f"{volume_node.GetName()} {card.name}", volume_node
         )
-        nodes.add_class_segments(node, labels, affine, names, colors, range(1, len(names)))
+        local = nodes.ijk_to_ras(volume_node)  # the node sits under the volume's transform
+        nodes.add_class_segments(node, labels, local, names, colors, range(1, len(names)))
         node.SetAttribute(MODEL_ATTRIBUTE, str(bundle.path or card.name))
         return node
 
@@ -245,7 +248,8 @@ class SelfRegSegmentationLogic:
         reduction = tuple(int(r) for r in fs.reductions[block])
         result = Inspection(block, origin=tuple(fs.origin), reduction=reduction, notes=list(fs.notes))  # fmt: skip
         feature = fs.features[block]
-        matrix = nodes.block_matrix(affine, fs.origin, reduction)
+        local = nodes.ijk_to_ras(volume_node)  # new volumes go under the volume's transform
+        matrix = nodes.block_matrix(local, fs.origin, reduction)
         for c in top_channels(feature, top_k):
             result.channels.append(int(c))
             result.features.append(
@@ -254,7 +258,7 @@ class SelfRegSegmentationLogic:
                 )
             )
         if cams is not None:
-            cam_matrix = nodes.block_matrix(affine, cams.origin, 1)
+            cam_matrix = nodes.block_matrix(local, cams.origin, 1)
             result.cam = nodes.add_scalar_volume(
                 scene, f"{base} {block} Grad-CAM", cams.maps[block], cam_matrix, volume_node
             )

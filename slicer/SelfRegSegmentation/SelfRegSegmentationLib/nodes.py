@@ -45,6 +45,24 @@ def ijk_to_ras(volume_node) -> np.ndarray:
     return matrix_to_array(matrix)
 
 
+def ijk_to_world(volume_node) -> np.ndarray:
+    """The IJK-to-RAS matrix with the node's parent transforms applied: where the voxels
+    are in the scene, hence the anatomy's orientation.
+
+    Raises:
+        ValueError: a non-linear parent transform (harden it first).
+    """
+    local = ijk_to_ras(volume_node)
+    parent = volume_node.GetParentTransformNode()
+    if parent is None:
+        return local
+    if not parent.IsTransformToWorldLinear():
+        raise ValueError(f"{volume_node.GetName()} is under a non-linear transform; harden it first (Data module, right-click > Harden transform)")  # fmt: skip
+    to_world = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(to_world)
+    return matrix_to_array(to_world) @ local
+
+
 def dimensions(volume_node) -> tuple[int, int, int]:
     """Voxels per I, J, K axis of a volume node (zeros when it has no image)."""
     image = volume_node.GetImageData()
