@@ -266,7 +266,12 @@ def test_finetune_from_an_edited_segmentation_writes_a_new_model_version(
 def test_scribbles_with_background_and_a_new_class(scene, tiny_model, tmp_path):
     volume = read_with_slicer(scene, write_scan(tmp_path, "oblique"))
     segmentation = nodes.new_segmentation(scene, "scribbles", volume)
-    painted = {"inner": (slice(3, 6), 2), "Background": (slice(0, 2), 255), "lesion": (slice(8, 10), 3)}  # fmt: skip
+    painted = {
+        "inner": (slice(3, 6), 2),
+        "Background": (slice(0, 2), 255),
+        "lesion": (slice(8, 10), 3),
+        "Lesion ": (slice(11, 13), 3),
+    }  # fmt: skip  (one new class, however it is written)
     expected = np.zeros(SHAPE, np.uint8)
     for name, (ks, value) in painted.items():
         segment_id = segmentation.GetSegmentation().AddEmptySegment(name, name)

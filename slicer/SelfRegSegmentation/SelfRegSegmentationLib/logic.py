@@ -310,10 +310,12 @@ class SelfRegSegmentationLogic:
                 value = folded[name.strip().casefold()]
             elif name.strip().casefold() == BACKGROUND:
                 value = 0
-            else:
-                if name not in new:
-                    new.append(name)
-                value = len(known) + new.index(name)
+            else:  # "lesion" and "Lesion " are one new class, named as first met
+                folded_new = [n.strip().casefold() for n in new]
+                if name.strip().casefold() not in folded_new:
+                    new.append(name.strip())
+                    folded_new.append(name.strip().casefold())
+                value = len(known) + folded_new.index(name.strip().casefold())
             if value == 0:
                 value = SCRIBBLE_BACKGROUND if scribbles else 0
                 order.append((0, segment_id, value))  # background first: classes win overlaps
