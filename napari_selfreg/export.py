@@ -308,10 +308,7 @@ def export_bioimageio(model, out_zip, *, overwrite: bool = False, image=None) ->
         import bioimageio.spec.model.v0_5 as bio
         from bioimageio.spec import save_bioimageio_package
     except ImportError as err:
-        raise ValueError(
-            "the bioimage.io export needs the bioimageio.spec package: "
-            "pip install 'napari-selfreg[export]'"
-        ) from err
+        raise ValueError("the bioimage.io export needs the bioimageio.spec package: pip install 'napari-selfreg[export]'") from err  # fmt: skip
     import tifffile
 
     from . import __version__
