@@ -352,6 +352,19 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
     )
 
 
+def model_reference(path: str | os.PathLike) -> str:
+    """How a card names another model: by name where it is a user or bundled model (the
+    name finds it after the package moves or upgrades), else by its absolute path."""
+    path = Path(path).expanduser().resolve()
+    for root in (user_models_dir(), BUNDLED_DIR):
+        if (
+            path.parent == root.expanduser().resolve()
+            and resolve_model_path(path.name) == root / path.name
+        ):
+            return path.name
+    return str(path)
+
+
 def read_card(path: str | os.PathLike) -> ModelCard:
     """Read and validate the model card of a model folder."""
     card_path = Path(path) / CARD_FILE

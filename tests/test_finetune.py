@@ -120,11 +120,22 @@ def test_finetune_writes_a_new_version_and_leaves_the_base_alone(tmp_path):
     assert first.name == "tiny-ft" and second.name == "tiny-ft-v2"
     assert {p.name: p.read_bytes() for p in base.iterdir()} == files
     card = load_model(first).card
-    assert card.parent == str(base)
+    assert card.parent == str(base.resolve())
     assert card.training["finetune"]["corrected_voxels"] == int((labels != pred).sum())
     assert card.training["finetune"]["iterations"] == card.training["iterations_done"] == 2
     assert events[-1].kind == "done" and events[-1].model_path == first
     assert sorted(p.name for p in first.parent.iterdir()) == ["tiny-ft", "tiny-ft-v2"]
+
+
+def test_a_user_models_child_names_its_parent_by_name(selfreg_home, tmp_path):
+    from napari_selfreg.modelfile import user_models_dir
+    from napari_selfreg.widgets.finetune import model_chain
+
+    base = tiny_base(user_models_dir())
+    image, labels = make_phantom((16, 16, 16), 3, seed=0)
+    tuned = finetune(base, image, labels, config=FinetuneConfig(iterations=1, precision="fp32"))
+    assert load_model(tuned).card.parent == "tiny"  # found by name after the folder moves
+    assert model_chain(tuned) == ["tiny", load_model(tuned).card.name]
 
 
 def test_labels_equal_to_the_prediction_are_refused(tmp_path):

@@ -29,7 +29,13 @@ from napari_selfreg import models
 from napari_selfreg.device import autocast, resolve_device, resolve_precision
 from napari_selfreg.files import clear_stale, temporary_path
 from napari_selfreg.jobs import drain
-from napari_selfreg.modelfile import ModelBundle, colors_after, load_model, user_models_dir
+from napari_selfreg.modelfile import (
+    ModelBundle,
+    colors_after,
+    load_model,
+    model_reference,
+    user_models_dir,
+)
 
 from .config import FinetuneConfig, LabelError, TrainConfig, TrainingError
 from .datasets import Case, PatchSampler, case_from_arrays, check_labels, number_new_classes
@@ -530,7 +536,7 @@ def iter_finetune(
         target,
         network=network,
         base_card=base_card,
-        parent=str(bundle.path) if bundle.path is not None else card.name,
+        parent=model_reference(bundle.path) if bundle.path is not None else card.name,
         checkpoints=work,
         configure=freezer(cfg.freeze, probe),
         new_version=True,

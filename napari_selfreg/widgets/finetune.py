@@ -97,16 +97,15 @@ def finetune_job(
 
 def model_chain(path: Path) -> list[str]:
     """Names from the base model to ``path``, following the cards' parents."""
-    from ..modelfile import ModelFileError, read_card
+    from ..modelfile import ModelFileError, read_card, resolve_model_path
 
     names: list[str] = []
     current: str | None = str(path)
     while current and len(names) < 20:
-        folder = Path(current)
         try:
-            card = read_card(folder)
+            card = read_card(resolve_model_path(current))
         except (ModelFileError, OSError):
-            names.append(folder.name)
+            names.append(Path(current).name)
             break
         names.append(card.name)
         current = card.parent

@@ -115,7 +115,7 @@ def run_self_test(scene, folder, say: Callable[[str], None] = print) -> dict:
         seconds_budget=None, precision="fp32", device="cpu", augment=False,
     )  # fmt: skip
     card = load_model(tuned).card
-    _check(card.parent == str(model), f"parent {card.parent!r}")
+    _check(card.parent == str(Path(model).resolve()), f"parent {card.parent!r}")
     _check(card.class_names == ["background", "outer", "inner", "lesion"], f"{card.class_names}")
     say("Self-test passed")
     return {"volume": volume, "segmentation": segmentation, "inspection": inspection, "model": tuned}  # fmt: skip
