@@ -365,6 +365,21 @@ def model_reference(path: str | os.PathLike) -> str:
     return str(path)
 
 
+def model_lineage(path: str | os.PathLike) -> list[str]:
+    """Model names from the first base model to ``path``, following the cards' parents."""
+    names: list[str] = []
+    current: str | None = str(path)
+    while current and len(names) < 20:
+        try:
+            card = read_card(resolve_model_path(current))
+        except (ModelFileError, OSError):
+            names.append(Path(current).name)
+            break
+        names.append(card.name)
+        current = card.parent
+    return names[::-1]
+
+
 def read_card(path: str | os.PathLike) -> ModelCard:
     """Read and validate the model card of a model folder."""
     card_path = Path(path) / CARD_FILE

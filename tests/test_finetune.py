@@ -128,14 +128,13 @@ def test_finetune_writes_a_new_version_and_leaves_the_base_alone(tmp_path):
 
 
 def test_a_user_models_child_names_its_parent_by_name(selfreg_home, tmp_path):
-    from napari_selfreg.modelfile import user_models_dir
-    from napari_selfreg.widgets.finetune import model_chain
+    from napari_selfreg.modelfile import model_lineage, user_models_dir
 
     base = tiny_base(user_models_dir())
     image, labels = make_phantom((16, 16, 16), 3, seed=0)
     tuned = finetune(base, image, labels, config=FinetuneConfig(iterations=1, precision="fp32"))
     assert load_model(tuned).card.parent == "tiny"  # found by name after the folder moves
-    assert model_chain(tuned) == ["tiny", load_model(tuned).card.name]
+    assert model_lineage(tuned) == ["tiny", load_model(tuned).card.name]
 
 
 def test_labels_equal_to_the_prediction_are_refused(tmp_path):

@@ -286,8 +286,12 @@ def test_input_checks():
     net3, net2 = tiny_unet(), tiny_unet(2)
     with pytest.raises(ValueError, match="3D model needs a 3D volume"):
         segment(np.zeros((20, 20)), net3, device="cpu")
-    with pytest.raises(ValueError, match="2D model"):
+    with pytest.raises(ValueError, match="2D model.*one layer per volume"):
         segment(np.zeros((2, 8, 8, 8)), net2, device="cpu")
+    with pytest.raises(ValueError, match="3D model.*one time point, echo or channel"):
+        segment(np.zeros((2, 8, 8, 8)), net3, device="cpu")
+    with pytest.raises(ValueError, match="use a 2D model"):
+        segment(np.zeros((1, 8, 8)), net3, device="cpu")
     with pytest.raises(ValueError, match="real number"):
         segment(np.zeros((8, 8, 8), complex), net3, device="cpu")
     with pytest.raises(ValueError, match="overlap"):

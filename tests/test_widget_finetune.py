@@ -11,7 +11,7 @@ from qtpy.QtCore import QPoint
 from qtpy.QtWidgets import QLabel, QScrollArea, QScrollBar, QWidget
 
 from napari_selfreg.device import resolve_device
-from napari_selfreg.modelfile import read_card
+from napari_selfreg.modelfile import read_card, resolve_model_path
 from napari_selfreg.training import FinetuneConfig
 from napari_selfreg.training.metrics import unlearnt
 from napari_selfreg.widgets._curves import mean_foreground_dice
@@ -112,6 +112,31 @@ def test_finetune_two_iterations_lists_the_new_model(
     text = finetune.result_line.text()
     assert f"Not learnt yet on the voxels you reviewed: {card.class_names[1]} (0.18)." in text
     assert card.class_names[2] not in text.split("Not learnt yet")[1]
+
+
+def test_a_new_segment_result_becomes_the_labels_to_correct(qtbot, segmented, phantom):
+    viewer, segment, finetune, image, labels, _ = segmented
+    other = viewer.add_image(phantom[0][::-1].copy(), name="other")
+    reference = viewer.add_labels(phantom[1], name="reference labels")
+    finetune.image_picker.set_layer(other)
+    finetune.labels_picker.set_layer(reference)
+    finetune.mode.setCurrentText("scribbles")
+    brushes = [finetune.brush.itemText(i) for i in range(finetune.brush.count())]
+    assert brushes[0].startswith("background (")  # the mode's brushes
+    segment.image_picker.set_layer(image)
+    with qtbot.waitSignal(segment.segmented, timeout=WAIT_MS) as blocker:
+        segment.run()
+    qtbot.waitUntil(lambda: not segment.job.busy, timeout=WAIT_MS)
+    assert finetune.labels_picker.layer() is blocker.args[0] is not labels
+    assert finetune.image_picker.layer() is image
+    assert finetune.mode.currentText() == "corrections"
+    brushes = [finetune.brush.itemText(i) for i in range(finetune.brush.count())]
+    assert not any(b.startswith("background") for b in brushes)
+    finetune.model_picker.select(resolve_model_path("brain-tissue-unet3d"))  # brushes follow
+    brushes = [finetune.brush.itemText(i) for i in range(finetune.brush.count())]
+    assert brushes == ["grey matter (1)", "white matter (2)", "new class (3)"]
+    viewer.add_labels(np.zeros_like(phantom[1]), name="a user's layer")
+    assert finetune.labels_picker.layer() is blocker.args[0]  # only results are followed
 
 
 def test_cancel_stops_finetuning(qtbot, segmented, phantom, selfreg_home):

@@ -31,14 +31,19 @@ class _Work:
         if nc > 1 and data.shape[0] != nc:
             raise ValueError(f"the model takes {nc} channels first; the image has {data.shape}")
         nd = len(spatial)
+        several = (
+            "segment one volume of it (one time point, echo or channel): open the file with "
+            "napari-selfreg's reader, which adds one layer per volume, or run segment --channel K"
+        )
         if pred.spatial_dims == 3 and (nd != 3 or min(spatial) == 1):
             what = f"a {nd}D image" if nd != 3 else "a single slice"
-            raise ValueError(
-                f"a 3D model needs a 3D volume; got {what} of shape {spatial}: use a 2D model "
-                "or a volume of several slices"
-            )
+            fix = several if nd > 3 else "use a 2D model or a volume of several slices"
+            raise ValueError(f"a 3D model needs a 3D volume; got {what} of shape {spatial}: {fix}")
         if pred.spatial_dims == 2 and nd not in (2, 3):
-            raise ValueError(f"a 2D model needs a 2D image or a 3D volume; got shape {spatial}")
+            fix = f": {several}" if nd > 3 else ""
+            raise ValueError(
+                f"a 2D model needs a 2D image or a 3D volume; got shape {spatial}{fix}"
+            )
         if min(spatial) < 1:
             raise ValueError(f"the image is empty (shape {spatial})")
         if mask is not None and tuple(mask.shape) != spatial:

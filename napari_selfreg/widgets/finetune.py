@@ -63,7 +63,7 @@ from ._common import (
     user_error,
 )
 from ._curves import Curves, mean_foreground_dice
-from .segment import MODEL_KEY, PREDICTION_KEY, SLICE_SCORES_KEY
+from .segment import IMAGE_KEY, MODEL_KEY, PREDICTION_KEY, SLICE_SCORES_KEY
 
 FREEZE = ("none", "encoder", "stage:1", "stage:2", "stage:3")
 MODES = ("corrections", "scribbles")
@@ -93,23 +93,6 @@ def finetune_job(
         on_reviewed=reviewed.append, **options,
     )  # fmt: skip
     return Path(result), reviewed[0]
-
-
-def model_chain(path: Path) -> list[str]:
-    """Names from the base model to ``path``, following the cards' parents."""
-    from ..modelfile import ModelFileError, read_card, resolve_model_path
-
-    names: list[str] = []
-    current: str | None = str(path)
-    while current and len(names) < 20:
-        try:
-            card = read_card(resolve_model_path(current))
-        except (ModelFileError, OSError):
-            names.append(Path(current).name)
-            break
-        names.append(card.name)
-        current = card.parent
-    return names[::-1]
 
 
 class FinetuneWidget(QWidget):
@@ -260,9 +243,23 @@ class FinetuneWidget(QWidget):
         self.mode.currentTextChanged.connect(
             lambda text: self.lr.setValue(FinetuneConfig.default_lr(text == "scribbles"))
         )
+        self.mode.currentTextChanged.connect(lambda _: self._fill_brush())
+        self.model_picker.changed.connect(self._fill_brush)
         self.viewer.dims.events.order.connect(self.update_next_slices)
         self.viewer.dims.events.ndisplay.connect(self.update_next_slices)
+        self.viewer.layers.events.inserted.connect(self._follow_new_result)
         self._on_labels_changed()
+
+    def _follow_new_result(self, event) -> None:
+        """A new Segment result is the labels to correct next: choose it and its image."""
+        layer = unwrap(event.value)
+        if not isinstance(layer, Labels) or PREDICTION_KEY not in layer.metadata:
+            return
+        self.labels_picker.set_layer(layer)
+        self.mode.setCurrentText("corrections")
+        for image in self.viewer.layers:
+            if isinstance(image, Image) and image.name == layer.metadata.get(IMAGE_KEY):
+                self.image_picker.set_layer(image)
 
     # ------------------------------------------------------------------ the labels
     def changed_mask(self) -> np.ndarray | None:
@@ -523,7 +520,7 @@ class FinetuneWidget(QWidget):
         path, reviewed = output
         self.new_model = Path(path)
         announce_model(self.new_model)
-        from ..modelfile import read_card
+        from ..modelfile import model_lineage, read_card
         from ..training.metrics import unlearnt
 
         labels = getattr(self, "_labels_layer", None)
@@ -551,7 +548,7 @@ class FinetuneWidget(QWidget):
         took += f", {seconds:.0f} s of training" if isinstance(seconds, float | int) else ""
         measure = f"Dice {score:.3f} on reviewed voxels" if score is not None else "no Dice"
         self.round_lines.append(f"{len(self.round_lines) + 1}. {card.name}: {measure}{took}")
-        chain = " → ".join(model_chain(self.new_model))
+        chain = " → ".join(model_lineage(self.new_model))
         self.rounds.setText("Rounds:\n" + "\n".join(self.round_lines) + f"\nVersions: {chain}")
         self.segment_button.setEnabled(True)
         self._count_changes()

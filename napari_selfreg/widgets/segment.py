@@ -51,6 +51,7 @@ from ._common import (
 EXTRAS = ("none", "uncertainty", "probabilities")
 PREDICTION_KEY = "selfreg_prediction"  # labels metadata: the labels as predicted (uint8 copy)
 MODEL_KEY = "selfreg_model"  # labels metadata: the model folder that predicted them
+IMAGE_KEY = "selfreg_image"  # labels metadata: the name of the image layer segmented
 SLICE_SCORES_KEY = "selfreg_slice_scores"  # labels metadata: per axis, uncertainty per slice
 SOURCE_KEYS = ("selfreg_volume",)  # image metadata copied to the labels (affine, header)
 
@@ -285,7 +286,7 @@ class SegmentWidget(QWidget):
             **self._pending["metadata"],
             PREDICTION_KEY: labels.copy(),
             MODEL_KEY: str(model_path),
-            "selfreg_image": image_name,
+            IMAGE_KEY: image_name,
             "selfreg_class_names": names,
             "selfreg_class_colors": colors,
             "selfreg_info": dict(result.info),
