@@ -238,3 +238,23 @@ def test_compare_two_models_on_a_box(env, qtbot):
     assert [t.get_text() for t in legend.get_texts()] == ["tiny", "other"]
     bars = [ax for ax in widget.figure.axes if ax.patches]
     assert len(bars) == 5 and all(len(ax.patches) == 2 * 5 for ax in bars)
+
+
+def test_the_status_line_after_a_run_is_not_clipped(env, qtbot):
+    viewer, widget, _ = env
+    viewer.add_image(_image((40, 40, 40)), name="ct")
+    window = viewer.window._qt_window
+    window.show()
+    window.resize(1500, 1000)  # the rows and the plot are taller than the dock: it scrolls
+    _, docked = viewer.window.add_plugin_dock_widget("napari-selfreg", "Inspect features")
+    qtbot.waitUntil(lambda: not docked._loaders, timeout=60000)
+    docked.model_picker.select(widget.model_picker.model_path())
+    qtbot.waitUntil(lambda: not docked._loaders, timeout=60000)
+    docked.region_combo.setCurrentIndex(docked.region_combo.findData(CENTRED))
+    docked.run()
+    _wait_done(qtbot, docked)
+    qtbot.wait(300)
+    status = docked.status
+    assert status.text().startswith("done: region")
+    assert status.heightForWidth(status.width()) > 2 * status.fontMetrics().height()
+    assert status.height() >= status.heightForWidth(status.width())

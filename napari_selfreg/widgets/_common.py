@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils.notifications import notification_manager, show_error, show_warning
-from qtpy.QtCore import QEvent, QObject, QSize, Qt, Signal
+from qtpy.QtCore import QEvent, QObject, QSize, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -196,6 +196,23 @@ class _VerticalScroll(QScrollArea):
     def sizeHint(self) -> QSize:
         content = self.widget().sizeHint()
         return QSize(self._width(content.width()), content.height())
+
+
+class WrappedLabel(QLabel):
+    """A word-wrapped line whose new text re-fits the scroll area around it: a scroll
+    area sizes its content once and misses a wrapped line growing by a row."""
+
+    def __init__(self, text: str = "", parent: QWidget | None = None) -> None:
+        super().__init__(text, parent)
+        self.setWordWrap(True)
+
+    def setText(self, text: str) -> None:
+        super().setText(text)
+        scroll = self.parentWidget()
+        while scroll is not None and not isinstance(scroll, _VerticalScroll):
+            scroll = scroll.parentWidget()
+        if scroll is not None:  # once the layouts have the new height (posted events)
+            QTimer.singleShot(0, lambda: scroll.setWidgetResizable(True))
 
 
 def scrolling_layout(dock: QWidget) -> QVBoxLayout:
@@ -421,8 +438,7 @@ class JobPanel(QWidget):
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
         self.progress.setTextVisible(True)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.status = WrappedLabel()
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(lambda: self.cancel())

@@ -55,6 +55,7 @@ from ._common import (
     JobPanel,
     LayerPicker,
     ModelPicker,
+    WrappedLabel,
     announce_model,
     labels_colormap,
     layer_transform,
@@ -131,8 +132,7 @@ class FinetuneWidget(QWidget):
         self.brush = QComboBox()
         self.brush.setToolTip("The label the brush paints in the labels layer")
         self.brush.activated.connect(self._set_brush)
-        self.changed_line = QLabel("")
-        self.changed_line.setWordWrap(True)
+        self.changed_line = WrappedLabel()
         self.model_picker = ModelPicker()
         self.new_classes = QLineEdit()
         self.new_classes.setPlaceholderText("names of new label values, e.g. scalp, lesion")
@@ -190,10 +190,8 @@ class FinetuneWidget(QWidget):
         self.run_button.clicked.connect(self.run)
         self.job = JobPanel(viewer)
         self.curves = Curves()
-        self.result_line = QLabel("")
-        self.result_line.setWordWrap(True)
-        self.rounds = QLabel("")
-        self.rounds.setWordWrap(True)
+        self.result_line = WrappedLabel()
+        self.rounds = WrappedLabel()
         self.segment_button = QPushButton("Segment with new model")
         self.segment_button.setEnabled(False)
         self.segment_button.clicked.connect(self.segment_with_new_model)

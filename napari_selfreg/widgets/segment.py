@@ -22,7 +22,6 @@ from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFormLayout,
     QHeaderView,
-    QLabel,
     QPushButton,
     QSpinBox,
     QTableWidget,
@@ -39,6 +38,7 @@ from ._common import (
     JobPanel,
     LayerPicker,
     ModelPicker,
+    WrappedLabel,
     labels_colormap,
     layer_spacing,
     layer_transform,
@@ -107,12 +107,10 @@ class SegmentWidget(QWidget):
         self.viewer = viewer
         self.image_picker = LayerPicker(viewer, Image)
         self.model_picker = ModelPicker()
-        self.model_info = QLabel("")
-        self.model_info.setWordWrap(True)
+        self.model_info = WrappedLabel()
         self.device = QComboBox()
         self.device.addItems(DEVICES)
-        self.device_line = QLabel("checking devices…")
-        self.device_line.setWordWrap(True)
+        self.device_line = WrappedLabel("checking devices…")
         self.precision = QComboBox()
         self.precision.addItems(PRECISIONS)
         self.precision.setToolTip("auto: bf16 on CPUs/GPUs with bf16 units, fp16 on older GPUs")
