@@ -373,7 +373,9 @@ def cmd_segment(args) -> int:
             if not folder_mode:
                 remove_if_empty(created)
                 raise
-            print(f"{PROG}: error: {source}: {one_line(err)}", file=sys.stderr)
+            message = one_line(err)  # named once: most messages name their file
+            where = "" if str(source) in message else f"{source}: "
+            print(f"{PROG}: error: {where}{message}", file=sys.stderr)
             failed.append(str(source))
             continue
         statistics.append(stats)
@@ -391,7 +393,8 @@ def cmd_segment(args) -> int:
         print(f"wrote volume statistics {write_statistics(args.statistics, statistics, names)}")
     remove_if_empty(created)
     if failed:
-        print(f"{PROG}: {len(failed)} of {len(inputs)} input(s) failed: {', '.join(failed)}", file=sys.stderr)  # fmt: skip
+        also = f" ({len(skipped)} skipped: their labels exist)" if skipped else ""
+        print(f"{PROG}: {len(failed)} of {len(inputs)} input(s) failed{also}: {', '.join(failed)}", file=sys.stderr)  # fmt: skip
         return 2
     return 0
 
@@ -404,7 +407,7 @@ def segment_one(predictor, source: Path, target: Path, names: list[str], args):
     import numpy as np
 
     from . import io
-    from .review import rank_slices
+    from .review import rank_slices, suggestion_spacing
     from .volumes import as_record, as_text, class_volumes
 
     volume = io.read_volume(source, channel=args.channel)
@@ -435,7 +438,9 @@ def segment_one(predictor, source: Path, target: Path, names: list[str], args):
         ranking = {
             f"axis {axis}": [
                 {"slice": i, "score": round(v, 4)}
-                for i, v in rank_slices(scores, top=args.rank_top)
+                for i, v in rank_slices(
+                    scores, top=args.rank_top, spacing=suggestion_spacing(len(scores))
+                )  # fmt: skip
             ]
             for axis, scores in enumerate(result.slice_scores)
         }

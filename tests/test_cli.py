@@ -107,6 +107,22 @@ def test_segment_ranks_the_slices_to_correct_next(tiny_model, scan, tmp_path, ca
     assert all(0 <= row["slice"] < 22 for row in top)
 
 
+def test_ranked_slices_are_spread_out(tiny_model, tmp_path, capsys):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    smooth = ndimage.gaussian_filter(rng.normal(size=(60, 60, 60)), 4).astype(np.float32)
+    scan = io.write_volume(tmp_path / "smooth.nii.gz", smooth * 50 + 100, affine=AFFINE)
+    ranking = tmp_path / "next.json"
+    code, _, _ = run(capsys, "segment", scan, "-o", tmp_path / "s.nii.gz", "--model", tiny_model,
+                     "--rank-slices", ranking, "--rank-top", 5, "--quiet")  # fmt: skip
+    assert code == 0
+    for rows in json.loads(ranking.read_text())["inputs"][str(scan)].values():
+        slices = [row["slice"] for row in rows]
+        gaps = [abs(i - j) for k, i in enumerate(slices) for j in slices[:k]]
+        assert len(slices) == 5 and min(gaps) >= 3, slices  # a twentieth of 60 slices
+
+
 def test_never_overwrites_an_input(tiny_model, scan, capsys):
     before = scan.read_bytes()
     code, _, err = run(capsys, "segment", scan, "-o", scan, "--model", tiny_model, "--overwrite")

@@ -185,6 +185,11 @@ def test_a_folder_run_skips_bad_files_and_a_rerun_continues(tiny_model, scans, t
     err = capsys.readouterr().err
     assert code == 2 and "1 of 3 input(s) failed" in err and "b.nii.gz" in err
     assert sorted(p.name for p in out.iterdir()) == ["a_labels.nii.gz", "c_labels.nii.gz"]
+    code = main(["segment", str(scans), "-o", str(out), "--model", str(tiny_model), "--quiet", "--skip-existing"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "1 of 1 input(s) failed (2 skipped: their labels exist)" in err
+    error = next(line for line in err.splitlines() if "b.nii.gz" in line)
+    assert error.count("b.nii.gz") == 1, error  # the file is named once
     io.write_volume(scans / "b.nii.gz", np.zeros((20, 20, 20), np.float32) + 1, affine=np.eye(4))
     code = main(["segment", str(scans), "-o", str(out), "--model", str(tiny_model), "--quiet", "--skip-existing"])  # fmt: skip
     captured = capsys.readouterr()
