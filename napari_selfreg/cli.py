@@ -555,9 +555,12 @@ def cmd_sample(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import export_bioimageio, export_monai_bundle
+    from .files import full_disk_named
 
     write = export_bioimageio if args.format == "bioimageio" else export_monai_bundle
-    path = write(args.model, Path(args.output).expanduser(), overwrite=args.overwrite)
+    output = Path(args.output).expanduser()
+    with full_disk_named(output.absolute().parent):
+        path = write(args.model, output, overwrite=args.overwrite)
     print(
         f"wrote {'bioimage.io package' if args.format == 'bioimageio' else 'MONAI bundle'} {path}"
     )

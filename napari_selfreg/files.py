@@ -11,7 +11,8 @@
 * :func:`write_text_atomic`, :func:`write_json_atomic` - small files through a
   temporary file and a rename;
 * :class:`RunLock` - one process at a time writes a run folder; the lock of a dead
-  process is taken over.
+  process is taken over;
+* :func:`full_disk_named` - a write that failed on a full disk says so.
 """
 
 from __future__ import annotations
@@ -206,3 +207,22 @@ def write_json_atomic(path: str | Path, data) -> Path:
     import json
 
     return write_text_atomic(path, json.dumps(data, indent=2))
+
+
+@contextlib.contextmanager
+def full_disk_named(folder: str | os.PathLike, room: int = 16 * 2**20):
+    """Turn a failed write into ``OSError(ENOSPC)`` naming ``folder`` when the disk there
+    has under ``room`` bytes left: torch's writers raise RuntimeError on a full disk
+    ("unexpected pos ..."), zip writers a short-write error that does not say why."""
+    try:
+        yield
+    except (RuntimeError, OSError) as err:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            raise err from None
+        if free >= room:
+            raise
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free:,} bytes free)", str(folder)) from err  # fmt: skip

@@ -247,6 +247,28 @@ def test_without_bioimageio_spec_the_export_says_what_to_install(tiny_model, tmp
     assert not (tmp_path / "m.zip").exists()
 
 
+def test_a_full_disk_during_an_export_is_one_sentence(tiny_model, tmp_path, capsys, monkeypatch):  # fmt: skip
+    import collections
+
+    from napari_selfreg import files
+
+    def full(*args, **kwargs):  # what torch's writer raises when the disk fills
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda _: usage(10**6, 10**6 - 6112, 6112))
+    code = cli.main(["export", str(tiny_model), "--format", "monai-bundle", "-o", str(tmp_path / "b")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert (
+        code == 2 and "No space left on device (6,112 bytes free)" in err and err.count("\n") == 1
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["selfreg-home"]  # nothing left behind
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda _: usage(10**9, 0, 10**9))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # room left: not the disk
+        cli.main(["export", str(tiny_model), "--format", "monai-bundle", "-o", str(tmp_path / "b")])  # fmt: skip
+
+
 def test_normalize_channels_keeps_monai_metadata():
     from monai.data import MetaTensor
 
