@@ -450,6 +450,13 @@ def test_2d_model_resamples_in_plane_only():
     assert result.labels.shape == (4, 10, 12)
 
 
+def test_a_2d_model_trained_on_volumes_segments_a_2d_image():
+    bundle = raw(Pointwise(2), spacing=[3.0, 1.0, 1.0])  # train records the volumes' grid
+    result = segment(ramp((10, 12)), bundle, tile=8, spacing=(0.5, 0.5))
+    assert result.info["resampled_to"] == [1.0, 1.0]  # the slices' in-plane spacing
+    assert result.labels.shape == (10, 12)
+
+
 # ----------------------------------------------------------------------------- OOM fallback
 
 

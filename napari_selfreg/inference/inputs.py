@@ -188,6 +188,8 @@ def _target_spacing(card, spacing, axis: int):
     target = [float(s) for s in card.spacing]
     if len(spacing) == 3 and len(target) == 2:  # 2D model: slices keep their thickness
         target.insert(axis, spacing[axis])
+    if len(spacing) == 2 and len(target) == 3:  # a 2D model trained on volumes, one image:
+        del target[axis]  # the in-plane spacing of the slices it learnt from
     if len(target) != len(spacing):
         raise ValueError(f"model spacing {card.spacing} does not fit a {len(spacing)}D image")
     if all(abs(s - t) <= 1e-3 * t for s, t in zip(spacing, target, strict=True)):
