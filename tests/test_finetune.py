@@ -101,6 +101,8 @@ def test_finetune_on_a_few_corrected_slices_helps_the_untouched_ones(mislabellin
     validations = [e for e in events if e.kind == "validation"]
     assert [e.iteration for e in validations] == [6, 12, 18, 24, 30]
     assert validations[-1].dice["class 3"] > validations[0].dice["class 3"]
+    assert "(best so far)" in validations[0].message  # the round keeps its last weights
+    assert not any("kept" in e.message for e in validations)
     card = load_model(new).card  # the last weights, measured on the reviewed patches
     assert "dice" not in card.metrics  # no whole-volume segmentation: it costs the round's time
     assert set(card.metrics["patch_dice"]) == set(card.class_names)

@@ -227,6 +227,7 @@ def test_train_writes_a_model_that_the_predictor_uses(tmp_path):
     assert first.losses["scr"] > 0 and first.losses["ifd"] > 0
     val = next(e for e in events if e.kind == "validation")
     assert set(val.dice) == {"background", "class 1", "class 2"}
+    assert val.message.endswith("(best; kept)")  # keep="best": these weights are saved
     bundle = load_model(out)
     card = bundle.card
     assert card.training["config"]["lambda_scr"] == 0.015

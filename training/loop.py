@@ -348,7 +348,14 @@ class Trainer(SetupMixin, CardMixin):
                     "validation",
                     losses=losses,
                     dice=metrics.named(dice, self.class_names),
-                    message=f"mean foreground Dice {score:.4f}" + (" (best)" if improved else ""),
+                    message=f"mean foreground Dice {score:.4f}"
+                    + (
+                        " (best; kept)"
+                        if improved and cfg.keep == "best"
+                        else " (best so far)"
+                        if improved
+                        else ""
+                    ),
                 )  # fmt: skip
             )
             if improved and self.dist.is_main and cfg.keep == "best":  # "last" never reads it
