@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 TORCH_PIN=${TORCH_PIN:-torch==2.13.0}
+# Where torch comes from: empty = pip's own sources (a CPU wheel where one is at hand, as
+# on our machines); on a bare Linux box PyPI's torch is the CUDA build, so pass
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu (or a CUDA index for a GPU).
+TORCH_INDEX=${TORCH_INDEX:-}
 APT_PACKAGES="xvfb xauth libgl1 libegl1 libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4
   libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0
   libxcb-xinerama0 libxcb-xkb1 libdbus-1-3 libfontconfig1"
@@ -29,7 +33,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   # Pin the CPU build first: a bare torch requirement would pull a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q "$TORCH_PIN"
+  .venv/bin/python -m pip install -q ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$TORCH_PIN"
   .venv/bin/python -m pip install -q -e ".[qt,test,slicer,export]"
   touch "$stamp"
 fi
