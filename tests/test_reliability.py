@@ -53,7 +53,9 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
     with pytest.raises(TrainingError, match=r"another training run \(process \d+\) is writing"):
         next(iter_train(tiny_config(arch_options={"channels": [4, 8, 32]}), cases(), tmp_path / "M"))  # fmt: skip
     first.close()
+    assert not (tmp_path / "M.checkpoints").exists()  # it saved nothing: no empty folder
     # a lock left by a dead process is taken over
+    (tmp_path / "M.checkpoints").mkdir()
     (tmp_path / "M.checkpoints" / ".lock").write_text("999999999")
     path = None
     for event in (gen := iter_train(tiny_config(), cases(), tmp_path / "M")):
@@ -116,6 +118,7 @@ def test_disk_full_while_saving_a_checkpoint_is_one_sentence(tmp_path, monkeypat
     with pytest.raises(CheckpointError, match="could not write the checkpoint .* previous checkpoint is intact"):  # fmt: skip
         for _ in iter_train(tiny_config(), cases(), tmp_path / "M"):
             pass
+    assert not (tmp_path / "M.checkpoints").exists()  # no empty folder left behind
 
 
 def test_sparse_label_values_are_refused_before_training(tmp_path):

@@ -254,6 +254,10 @@ class Trainer(SetupMixin, CardMixin):
                 return (yield from self._run_locked())
         except RunLockedError as err:
             raise TrainingError(str(err)) from err
+        finally:
+            if main:  # a run that saved nothing (a full disk, Ctrl-C) leaves no empty folder
+                with contextlib.suppress(OSError):
+                    self.ckpt.rmdir()  # fails, as it should, on a folder with checkpoints
 
     def _run_locked(self) -> Generator[TrainEvent, None, Path]:
         self.setup()
