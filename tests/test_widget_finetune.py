@@ -342,3 +342,19 @@ def test_the_curve_plots_the_mean_dice_of_the_classes_after_background():
     dice = {"background": 0.99, "grey matter": 0.5, "lesion": None, "white matter": 0.7}
     assert mean_foreground_dice(dice) == pytest.approx(0.6)
     assert mean_foreground_dice({"background": 0.99, "lesion": None}) is None
+
+
+def test_docks_in_one_column_each_show_a_few_rows(qtbot, segmented):
+    from napari_selfreg.widgets._common import MIN_DOCK_HEIGHT
+
+    viewer, segment, finetune, *_ = segmented
+    window = viewer.window._qt_window
+    window.show()
+    window.resize(1500, 950)
+    for widget in (segment, finetune):
+        qtbot.waitUntil(widget.isVisible, timeout=WAIT_MS)
+    qtbot.wait(300)
+    for widget in (segment, finetune):  # the first dock is not squeezed to two rows
+        scroll = widget.findChild(QScrollArea)
+        wanted = min(MIN_DOCK_HEIGHT, scroll.widget().sizeHint().height())
+        assert scroll.height() >= wanted, (type(widget).__name__, scroll.height())

@@ -163,6 +163,9 @@ class LayerPicker(QComboBox):
             self.changed.emit()
 
 
+MIN_DOCK_HEIGHT = 180  # px: about six rows; three docks in a column fit a 768-px screen
+
+
 class _VerticalScroll(QScrollArea):
     """A scroll area that asks for its content's width plus its scroll bar's (a plain
     one asks for little, so the dock came out narrower than its rows)."""
@@ -177,6 +180,10 @@ class _VerticalScroll(QScrollArea):
             self._changed()  # the content's rows changed
         return super().eventFilter(watched, event)
 
+    def refit(self) -> None:
+        """Size the content to its rows again (setting the flag recomputes it)."""
+        self.setWidgetResizable(True)
+
     def viewportEvent(self, event) -> bool:
         if event.type() == QEvent.Type.Resize:
             self._changed()  # the scroll bar came or went
@@ -190,8 +197,11 @@ class _VerticalScroll(QScrollArea):
         return content_width + beside
 
     def minimumSizeHint(self) -> QSize:
-        content = self.widget().minimumSizeHint()
-        return QSize(self._width(content.width()), super().minimumSizeHint().height())
+        content = self.widget()
+        # a few rows at least: a dock docked below others is not squeezed to two of them
+        height = min(content.sizeHint().height(), MIN_DOCK_HEIGHT)
+        height = max(height, super().minimumSizeHint().height())
+        return QSize(self._width(content.minimumSizeHint().width()), height)
 
     def sizeHint(self) -> QSize:
         content = self.widget().sizeHint()
@@ -212,7 +222,7 @@ class WrappedLabel(QLabel):
         while scroll is not None and not isinstance(scroll, _VerticalScroll):
             scroll = scroll.parentWidget()
         if scroll is not None:  # once the layouts have the new height (posted events)
-            QTimer.singleShot(0, lambda: scroll.setWidgetResizable(True))
+            QTimer.singleShot(0, scroll.refit)
 
 
 def scrolling_layout(dock: QWidget) -> QVBoxLayout:
