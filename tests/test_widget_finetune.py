@@ -345,7 +345,7 @@ def test_the_curve_plots_the_mean_dice_of_the_classes_after_background():
 
 
 def test_docks_in_one_column_each_show_a_few_rows(qtbot, segmented):
-    from napari_selfreg.widgets._common import MIN_DOCK_HEIGHT
+    from napari_selfreg.widgets._layout import MIN_DOCK_HEIGHT
 
     viewer, segment, finetune, *_ = segmented
     window = viewer.window._qt_window

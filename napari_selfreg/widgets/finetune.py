@@ -55,15 +55,14 @@ from ._common import (
     JobPanel,
     LayerPicker,
     ModelPicker,
-    WrappedLabel,
     announce_model,
     labels_colormap,
     layer_transform,
-    scrolling_layout,
     unwrap,
     user_error,
 )
 from ._curves import Curves, mean_foreground_dice
+from ._layout import WrappedLabel, scrolling_layout
 from .segment import IMAGE_KEY, MODEL_KEY, PREDICTION_KEY, SLICE_SCORES_KEY
 
 FREEZE = ("none", "encoder", "stage:1", "stage:2", "stage:3")

@@ -28,7 +28,8 @@ from qtpy.QtWidgets import (
 
 from .. import analysis
 from ..geometry import layer_ras_affine, world_matrix
-from ._common import JobPanel, LayerPicker, ModelPicker, scrolling_layout, user_error, warn
+from ._common import JobPanel, LayerPicker, ModelPicker, user_error, warn
+from ._layout import scrolling_layout
 
 if TYPE_CHECKING:
     import napari

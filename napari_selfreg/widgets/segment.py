@@ -38,15 +38,14 @@ from ._common import (
     JobPanel,
     LayerPicker,
     ModelPicker,
-    WrappedLabel,
     labels_colormap,
     layer_spacing,
     layer_transform,
-    scrolling_layout,
     unwrap,
     user_error,
     warn,
 )
+from ._layout import WrappedLabel, scrolling_layout
 
 EXTRAS = ("none", "uncertainty", "probabilities")
 PREDICTION_KEY = "selfreg_prediction"  # labels metadata: the labels as predicted (uint8 copy)
