@@ -138,7 +138,10 @@ def _foreground(sample: np.ndarray, kind: str) -> np.ndarray:
 
 
 def normalization_stats(
-    image: np.ndarray, spec: dict, mask: np.ndarray | None = None
+    image: np.ndarray,
+    spec: dict,
+    mask: np.ndarray | None = None,
+    value_range: tuple[float, float] | None = None,
 ) -> NormStats:
     """Measure the statistics that :func:`apply_normalization` needs.
 
@@ -151,6 +154,8 @@ def normalization_stats(
             (``p_low``/``p_high`` also accepted) or ``{"method": "none"}``.
         mask: optional boolean foreground mask of the image's shape; it replaces
             ``spec["foreground"]``.
+        value_range: the finite range of the whole image when ``image`` is already a
+            subsample of it (streaming), so a lone absurd voxel is still found.
 
     Returns:
         NormStats. Statistics of big images come from a strided subsample.
@@ -188,7 +193,9 @@ def normalization_stats(
         lo, hi = np.percentile(sample, [0.01, 99.99])
         span = max(hi - lo, 1e-12)
         least, most = float(sample.min()), float(sample.max())
-        if subsampled:  # the subsample may miss a lone absurd voxel: look at them all
+        if value_range is not None:  # measured on the whole image by the caller
+            least, most = value_range
+        elif subsampled:  # the subsample may miss a lone absurd voxel: look at them all
             least, most = finite_range(image, mask) or (least, most)
         if most > hi + 10 * span or least < lo - 10 * span:
             outliers = (float(lo), float(hi))

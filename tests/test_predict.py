@@ -1,6 +1,7 @@
 """The sliding-window predictor: tiling, exact stitching, shapes, streaming, cancel, OOM fallback."""
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -524,6 +525,28 @@ def test_streaming_zarr_matches_in_memory(tmp_path):
     assert zarr.open_group(str(out), mode="r")["labels"].dtype == np.uint8
     with pytest.raises(FileExistsError):
         segment(source, net, out=out, **opts)
+
+
+def test_streaming_clips_a_lone_absurd_voxel_as_in_memory(tmp_path):
+    import zarr
+
+    from napari_selfreg import preprocess
+
+    net = Pointwise()  # the probabilities show the normalised values
+    bundle = ModelBundle(network=net, card=dataclasses.replace(raw(net).card, normalization={"method": "zscore", "foreground": "all"}))  # fmt: skip
+    image = np.random.default_rng(7).normal(100, 10, (161, 160, 160)).astype(np.float32)
+    assert image.size > preprocess.MAX_STAT_SAMPLES  # statistics from a subsample
+    image[3, 5, 7] = 3e38  # one voxel the subsample misses
+    source = zarr.open_array(str(tmp_path / "in.zarr"), mode="w", shape=image.shape,
+                             chunks=(16, 160, 160), dtype="f4")  # fmt: skip
+    source[:] = image
+    opts = {"tile": 32, "overlap": 0, "device": "cpu", "precision": "fp32", "probabilities": True}
+    ref = segment(image, bundle, **opts)
+    result = segment(source, bundle, out=tmp_path / "out.zarr", slab_size=64, **opts)
+    assert result.info["streaming"]
+    assert any("clipped" in w for w in ref.info["warnings"])
+    assert result.info["warnings"] == ref.info["warnings"]
+    assert np.allclose(result.probabilities[:, 3, 5, 7], ref.probabilities[:, 3, 5, 7])
 
 
 def test_streaming_dask_input_in_memory_output():

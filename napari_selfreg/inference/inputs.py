@@ -122,7 +122,11 @@ class _Work:
         index = (slice(None, None, step),) * nd
         sample = np.asarray(self.data[(c, *index)] if self.channels > 1 else self.data[index])
         m = None if self.mask is None else np.asarray(self.mask[index]).astype(bool)
-        return preprocess.normalization_stats(sample, self.spec, mask=m)
+        value_range = None
+        if step > 1:  # the subsample may miss a lone absurd voxel: read them all, by slabs
+            channel = self.data[c] if self.channels > 1 else self.data
+            value_range = preprocess.finite_range(channel, self.mask)
+        return preprocess.normalization_stats(sample, self.spec, mask=m, value_range=value_range)
 
     def _index(self, lo: int, hi: int) -> tuple:
         if len(self.input_shape) == 2:  # a 2D image is a single slice
