@@ -572,7 +572,8 @@ def export_monai_bundle(model, out_dir, *, overwrite: bool = False) -> Path:
         if not target.exists():
             os.rename(stage, target)  # fails if a non-empty folder appeared meanwhile
             return target
-        old = temporary_path(target, "old", keep_suffix=False)  # overwrite (checked above)
+        _target(target, overwrite, "bundle")  # again: a folder may have appeared meanwhile
+        old = temporary_path(target, "old", keep_suffix=False)
         os.rename(target, old)
         try:
             os.rename(stage, target)

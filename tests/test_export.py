@@ -269,6 +269,25 @@ def test_a_full_disk_during_an_export_is_one_sentence(tiny_model, tmp_path, caps
         cli.main(["export", str(tiny_model), "--format", "monai-bundle", "-o", str(tmp_path / "b")])  # fmt: skip
 
 
+def test_a_folder_that_appears_during_a_bundle_export_is_kept(tiny_model, tmp_path, monkeypatch):
+    target = tmp_path / "b"
+    readme = export.readme
+
+    def meanwhile(*args, **kwargs):  # another program makes the folder while we write
+        target.mkdir(exist_ok=True)
+        (target / "notes.txt").write_text("the user's")
+        return readme(*args, **kwargs)
+
+    monkeypatch.setattr(export, "readme", meanwhile)
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        export.export_monai_bundle(tiny_model, target)
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+    with pytest.raises(FileExistsError, match="not a MONAI bundle"):  # not even with it
+        export.export_monai_bundle(tiny_model, target, overwrite=True)
+    assert (target / "notes.txt").read_text() == "the user's"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".selfreg-")]
+
+
 def test_normalize_channels_keeps_monai_metadata():
     from monai.data import MetaTensor
 
