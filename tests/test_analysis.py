@@ -337,3 +337,16 @@ def test_features_of_a_volume_in_another_stored_order_come_back_aligned():
     for name in ("stem", "bottleneck"):
         mapped = apply_orientation(cam_b.maps[name], back)
         np.testing.assert_allclose(mapped, cam_a.maps[name], atol=1e-5)
+
+
+def test_spacing_notes_follow_the_predictors_rule_for_2d_models():
+    bundle = _bundle(dims=2)
+    bundle.card.spacing = [3.0, 1.0, 1.0]  # trained on volumes: the card holds their grid
+    image = _image((24, 24))
+    same = analysis.extract_features(bundle, image, spacing=(1.0, 1.0))
+    assert not any("spacing" in n for n in same.notes)  # the slices' in-plane spacing
+    other = analysis.extract_features(bundle, image, spacing=(2.0, 2.0))
+    assert any("differs from the model's 1 x 1" in n for n in other.notes)
+    bundle.card.spacing = [1.0, 1.0]
+    thick = analysis.extract_features(bundle, _image((6, 24, 24)), region=(slice(2, 3), slice(None), slice(None)), spacing=(5.0, 1.0, 1.0))  # fmt: skip
+    assert not any("spacing" in n for n in thick.notes)  # the slice thickness is not compared

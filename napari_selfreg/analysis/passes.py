@@ -97,11 +97,13 @@ def _prepare(bundle, image, region, spacing, affine=None):
         spacing = turn.spacing(spacing or spacing_from_affine(affine))
         turn = None if turn.identity else turn
     if spacing is not None and card.spacing is not None:
-        sp = np.asarray(spacing, float)[-len(card.spacing) :]
-        if not np.allclose(sp, card.spacing, rtol=0.25):
+        from ..inference.inputs import target_spacing  # the predictor's rule, 2D models too
+
+        target = target_spacing(card, spacing, 0 if squeeze is None else squeeze)
+        if target is not None and not np.allclose(spacing, target, rtol=0.25):
             notes.append(
-                f"image spacing {' x '.join(f'{v:g}' for v in np.round(sp, 2))} differs "
-                f"from the model's {' x '.join(f'{float(v):g}' for v in card.spacing)}; "
+                f"image spacing {' x '.join(f'{v:g}' for v in np.round(spacing, 2))} differs "
+                f"from the model's {' x '.join(f'{float(v):g}' for v in target)}; "
                 "features may be off"
             )
     return image, region, shape, squeeze, notes, turn
@@ -197,7 +199,7 @@ def extract_features(
     image, region, shape, squeeze, notes, turn = _prepare(bundle, image, region, spacing, affine)
     device, dtype = _device_and_dtype(device, precision)
     key = ("features", _model_key(bundle), _image_key(image), _region_key(region), dtype)
-    key += (turn,)
+    key += (turn, tuple(notes))  # the notes (spacing) travel with the cached result
 
     def compute() -> FeatureSet:
         net = bundle.network.to(device).eval()
@@ -260,7 +262,7 @@ def grad_cam(
     device, dtype = _device_and_dtype(device, precision)
     names = tuple(blocks) if blocks is not None else tuple(f.name for f in net.feature_info)
     key = ("cam", _model_key(bundle), _image_key(image), _region_key(region), dtype)
-    key += (class_index, names, turn)
+    key += (class_index, names, turn, tuple(notes))
 
     def compute() -> CamSet:
         net.to(device).eval()

@@ -56,7 +56,7 @@ class _Work:
         self.axis = pred.axis if (pred.spatial_dims == 2 and nd == 3) else 0
         card = pred.card
         self.spec = dict(card.normalization) if card is not None else {"method": "zscore"}
-        self.spacing, self.target = spacing, _target_spacing(card, spacing, self.axis)
+        self.spacing, self.target = spacing, target_spacing(card, spacing, self.axis)
         if streaming and self.target is not None:
             raise ValueError(
                 "streaming does not resample: resample the volume to the model spacing "
@@ -185,7 +185,7 @@ def _channels(data, nc: int) -> list:
     return [data[c] for c in range(nc)] if nc > 1 else [data]
 
 
-def _target_spacing(card, spacing, axis: int):
+def target_spacing(card, spacing, axis: int):
     """Spacing to resample to, or None when the input has the model's spacing already."""
     if card is None or not card.spacing or spacing is None:
         return None
