@@ -338,8 +338,11 @@ def cmd_segment(args) -> int:
                 skipped.append((source, target))
         inputs = [p for p, d in zip(inputs, done, strict=True) if not d]
         outputs = [o for o, d in zip(outputs, done, strict=True) if not d]
-    every = outputs + [companion(o, t) for o in outputs for t in tags]
-    check_outputs(inputs, every, args.overwrite)
+    companions = [companion(o, t) for o in outputs for t in tags]
+    every = outputs + companions
+    check_outputs(inputs, outputs, args.overwrite)
+    # an interrupted run wrote some of these before its labels: --skip-existing redoes them
+    check_outputs(inputs, companions, args.overwrite or args.skip_existing)
     check_side_outputs(args, inputs + [s for s, _ in skipped], every)
     predictor = Predictor(  # a bad --model or --tile fails before any folder is made
         args.model,
@@ -379,13 +382,11 @@ def cmd_segment(args) -> int:
             failed.append(str(source))
             continue
         statistics.append(stats)
-        if ranking is not None:
+        if ranking is not None:  # saved after each input: a stopped run keeps them
             rankings[str(source)] = ranking
+            save_rankings(args.rank_slices, rankings)
     if args.rank_slices and rankings:
-        from .files import write_json_atomic
-
-        path = write_json_atomic(args.rank_slices, {"what": "slices ranked by summed normalised entropy (1 = the most uncertain slice)", "inputs": rankings})  # fmt: skip
-        print(f"wrote slice ranking {path}")
+        print(f"wrote slice ranking {save_rankings(args.rank_slices, rankings)}")
     if args.statistics and statistics:
         from .volumes import write_statistics
 
@@ -397,6 +398,14 @@ def cmd_segment(args) -> int:
         print(f"{PROG}: {len(failed)} of {len(inputs)} input(s) failed{also}: {', '.join(failed)}", file=sys.stderr)  # fmt: skip
         return 2
     return 0
+
+
+def save_rankings(path: str, rankings: dict[str, dict]) -> Path:
+    """Write the slice rankings of the inputs segmented so far (atomically)."""
+    from .files import write_json_atomic
+
+    what = "slices ranked by summed normalised entropy (1 = the most uncertain slice)"
+    return write_json_atomic(path, {"what": what, "inputs": rankings})
 
 
 def segment_one(predictor, source: Path, target: Path, names: list[str], args):
@@ -415,15 +424,17 @@ def segment_one(predictor, source: Path, target: Path, names: list[str], args):
     for warning in result.info.get("warnings", []):
         print(f"{PROG}: warning: {source.name}: {warning}", file=sys.stderr)
     labels = np.asarray(result.labels)
-    written = io.write_labels(target, labels, reference=volume, overwrite=args.overwrite)
     extras = {}
     if result.probabilities is not None:  # classes on the 4th NIfTI axis
         extras["probabilities"] = np.moveaxis(np.asarray(result.probabilities), 0, -1)
     if result.uncertainty is not None:
         extras["uncertainty"] = np.asarray(result.uncertainty)
     for tag, data in extras.items():
-        path = io.write_volume(companion(target, tag), data, reference=volume, overwrite=args.overwrite)  # fmt: skip
+        redo = args.overwrite or args.skip_existing  # checked in cmd_segment
+        path = io.write_volume(companion(target, tag), data, reference=volume, overwrite=redo)
         print(f"wrote {tag} {path}")
+    # the labels last: their file marks the input as done for --skip-existing
+    written = io.write_labels(target, labels, reference=volume, overwrite=args.overwrite)
     info = result.info
     print(
         f"wrote labels {written} ({' x '.join(map(str, volume.shape))} voxels, "

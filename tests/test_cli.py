@@ -193,6 +193,37 @@ def test_ctrl_c_in_a_folder_run_leaves_no_empty_output_folder(tiny_model, scan, 
     assert code == 130 and not (tmp_path / "new").exists()
 
 
+def test_a_run_stopped_between_an_inputs_files_is_redone_by_skip_existing(tiny_model, tmp_path, monkeypatch, capsys):  # fmt: skip
+    from napari_selfreg import io as nio
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("a", "b"):
+        nio.write_volume(scans / f"{name}.nii.gz", np.random.default_rng(0).normal(size=(16, 16, 16)).astype(np.float32), affine=AFFINE)  # fmt: skip
+    write_volume = nio.write_volume
+
+    def stopped(path, *args, **kwargs):  # Ctrl-C while b's probabilities are written
+        if "b_" in Path(path).name:
+            write_volume(path, *args, **kwargs)
+            raise KeyboardInterrupt
+        return write_volume(path, *args, **kwargs)
+
+    monkeypatch.setattr(nio, "write_volume", stopped)
+    ranking = tmp_path / "next.json"
+    argv = ["segment", scans, "-o", tmp_path / "out", "--model", tiny_model, "--probabilities", "--rank-slices", ranking, "--quiet"]  # fmt: skip
+    assert run(capsys, *argv)[0] == 130
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "b_labels.nii.gz" not in names  # b is not marked done
+    assert list(json.loads(ranking.read_text())["inputs"]) == [str(scans / "a.nii.gz")]  # kept
+    monkeypatch.setattr(nio, "write_volume", write_volume)
+    code, out, err = run(capsys, *argv, "--skip-existing")
+    assert code == 0, err
+    assert "skipping" in out and "b_labels.nii.gz" in out
+    assert len(json.loads(ranking.read_text())["inputs"]) == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a_labels.nii.gz", "a_probabilities.nii.gz", "b_labels.nii.gz", "b_probabilities.nii.gz"]  # fmt: skip
+
+
 def test_one_line_messages():
     assert (
         cli.one_line(PermissionError(13, "Permission denied", "/x/y")) == "Permission denied: /x/y"
