@@ -20,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from napari_selfreg import io
 from napari_selfreg._reader import napari_get_reader
+from napari_selfreg.geometry import layer_kwargs
 from napari_selfreg.io import Volume, VolumeReadError, VolumeWriteError, read_volume
 
 NIB_DATA = Path(nib.__file__).parent / "tests" / "data"
@@ -337,7 +338,7 @@ def test_pydicom_bundled_files(tmp_path):
     assert np.array_equal(vol.data, ds.pixel_array.T.astype(np.int32) - 1024)
     ipp = np.array(ds.ImagePositionPatient, float)
     assert np.allclose(vol.affine[:3, 3], ipp * [-1, -1, 1], atol=1e-4)
-    assert "affine" in io.napari_transform(vol)  # LPS -> RAS flips x and y
+    assert "affine" in layer_kwargs(vol.affine, vol.ndim)  # LPS -> RAS flips x and y
     mr = read_volume(get_testdata_file("MR_small.dcm"))  # its folder holds other series and copies
     assert mr.shape == (64, 64) and len(mr.metadata["files"]) == 1
     dose = read_volume(get_testdata_file("rtdose.dcm"))  # classic multi-frame
@@ -562,28 +563,28 @@ def test_stale_temporaries_of_dead_processes_are_cleared(tmp_path):
 # --------------------------------------------------------------------------- napari
 
 
-def test_napari_transform_places_voxels_like_the_affine(tmp_path):
+def test_layer_kwargs_place_voxels_like_the_affine(tmp_path):
     from napari.layers import Image
 
     aligned = np.diag([0.5, 0.7, 2.0, 1.0])
     aligned[:3, 3] = [1.0, -2.0, 3.0]
     flipped = aligned @ np.diag([-1.0, 1.0, 1.0, 1.0])
-    kwargs = io.napari_transform(aligned)
+    kwargs = layer_kwargs(aligned, 3)
     assert kwargs == {"scale": (0.5, 0.7, 2.0), "translate": (1.0, -2.0, 3.0)}
-    assert set(io.napari_transform(flipped)) == {"affine"}
+    assert set(layer_kwargs(flipped, 3)) == {"affine"}
     data = np.zeros((4, 5, 6), np.float32)
     voxel = np.array([3.0, 1.0, 2.0])
     for affine in (aligned, flipped, _oblique_affine()):
-        layer = Image(data, **io.napari_transform(affine))
+        layer = Image(data, **layer_kwargs(affine, 3))
         assert np.allclose(layer.data_to_world(voxel), (affine @ np.r_[voxel, 1])[:3])
     # 2D: an axial DICOM slice keeps its in-plane flips; a slice off the x-y plane keeps its pixel size
     _series(tmp_path / "axial2d", np.ones((6, 5, 1), np.int16))
     dcm = read_volume(tmp_path / "axial2d")
-    assert dcm.ndim == 2 and set(io.napari_transform(dcm)) == {"affine"}
-    layer = Image(dcm.data, **io.napari_transform(dcm))
+    assert dcm.ndim == 2 and set(layer_kwargs(dcm.affine, dcm.ndim)) == {"affine"}
+    layer = Image(dcm.data, **layer_kwargs(dcm.affine, dcm.ndim))
     assert np.allclose(layer.data_to_world([2.0, 3.0]), (dcm.affine @ [2, 3, 0, 1])[:2])
     sagittal = np.array([[0, 0, 1.5, 0], [0.8, 0, 0, 0], [0, 0.6, 0, 0], [0, 0, 0, 1.0]])
-    assert io.napari_transform(sagittal, ndim=2) == {"scale": (0.8, 0.6), "translate": (0.0, 0.0)}
+    assert layer_kwargs(sagittal, 2) == {"scale": (0.8, 0.6), "translate": (0.0, 0.0)}
 
 
 def test_modules_import_without_heavy_libraries():

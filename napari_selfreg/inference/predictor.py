@@ -3,7 +3,7 @@
 ``Predictor(model).iter_segment(image)`` is a generator: it yields :class:`Progress`
 (one per batch of tiles) and returns a :class:`SegmentationResult`, so napari's
 ``thread_worker`` gets progress and cancel (``worker.quit()``) and the CLI drains it
-under tqdm; ``segment()`` is the draining form.
+with ``jobs.ProgressPrinter``; ``segment()`` is the draining form.
 
 1. A 3D model needs a 3D volume; a 2D model runs slice by slice along ``axis``
    (internally a 3D window of depth 1) or once on a 2D image.

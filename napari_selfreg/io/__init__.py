@@ -7,7 +7,6 @@ Modules: :mod:`.volume` (``Volume``, errors), :mod:`.reading` (``read_volume``),
   series folders and multi-frame files (pydicom), TIFF stacks (tifffile).
 * :func:`write_volume`, :func:`write_labels` - atomic NIfTI writing that keeps
   the source affine (and, for NIfTI sources, a copy of the source header).
-* :func:`napari_transform` - layer keyword arguments that put a volume in world space.
 
 Conventions: ``Volume.data`` keeps the file's voxel order (nibabel's ``(i, j,
 k)``; DICOM: ``(column, row, slice)``; TIFF: tifffile's ``(Z, Y, X)``) and
@@ -20,8 +19,6 @@ them bit for bit. User errors raise :class:`VolumeReadError` /
 """
 
 from __future__ import annotations
-
-import numpy as np
 
 from .reading import read_volume
 from .volume import (
@@ -39,19 +36,8 @@ from .volume import (
 )
 from .writing import write_labels, write_volume
 
-
-def napari_transform(volume_or_affine: Volume | np.ndarray, ndim: int | None = None) -> dict:
-    """Layer keyword arguments that place a volume (or a ``(4, 4)`` affine, ``ndim``
-    spatial axes, default 3) in world millimetres: :func:`geometry.layer_kwargs`."""
-    from ..geometry import layer_kwargs
-
-    if isinstance(volume_or_affine, Volume):
-        return layer_kwargs(volume_or_affine.affine, volume_or_affine.ndim)
-    return layer_kwargs(volume_or_affine, ndim or 3)
-
-
 __all__ = [
     "DICOM_SUFFIXES", "LPS_TO_RAS", "NIBABEL_SUFFIXES", "READ_SUFFIXES", "TIFF_SUFFIXES",
     "WRITE_SUFFIXES", "ChannelsError", "Volume", "VolumeError", "VolumeReadError", "VolumeWriteError",
-    "napari_transform", "read_volume", "write_labels", "write_volume",
+    "read_volume", "write_labels", "write_volume",
 ]  # fmt: skip

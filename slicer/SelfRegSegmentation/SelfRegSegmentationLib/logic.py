@@ -37,9 +37,9 @@ MODEL_ATTRIBUTE = "SelfReg.model"
 # libraries the segment / inspect / fine-tune code paths import.
 PACKAGE = "napari-selfreg"
 TORCH_REQUIREMENT = ">=2.2,<3"
-RUNTIME_REQUIREMENTS = ("safetensors>=0.4", "nibabel>=5.0", "scipy>=1.10", "tqdm>=4.60")
+RUNTIME_REQUIREMENTS = ("safetensors>=0.4", "nibabel>=5.0", "scipy>=1.10")
 _IMPORT_NAMES = {"napari-selfreg": "napari_selfreg", "torch": "torch", "safetensors": "safetensors",
-                 "nibabel": "nibabel", "scipy": "scipy", "tqdm": "tqdm"}  # fmt: skip
+                 "nibabel": "nibabel", "scipy": "scipy"}  # fmt: skip
 
 
 def missing_packages() -> list[str]:
