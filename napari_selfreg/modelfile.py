@@ -297,8 +297,10 @@ def save_model(
                 os.rename(tmp, target)  # atomic; fails if target appeared meanwhile
                 break
             except OSError as err:  # another process saved under this name meanwhile
-                if not new_version or err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise
+                if not new_version:
+                    raise FileExistsError(f"model folder {target} appeared while saving; it is not replaced") from err  # fmt: skip
                 target = next_version_path(target)
                 if name is None:
                     card = dataclasses.replace(card, name=target.name)

@@ -139,6 +139,14 @@ def test_a_user_models_child_names_its_parent_by_name(selfreg_home, tmp_path):
     assert model_lineage(tuned) == ["tiny", load_model(tuned).card.name]
 
 
+def test_a_refused_output_name_leaves_no_temporary_folder(tmp_path):
+    base = tiny_base(tmp_path)
+    image, labels = make_phantom((16, 16, 16), 3, seed=0)
+    with pytest.raises(TrainingError, match="cannot be a folder name"):
+        finetune(base, image, labels, config=FinetuneConfig(iterations=1), out=tmp_path / "tab\there")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["selfreg-home", "tiny"]
+
+
 def test_labels_equal_to_the_prediction_are_refused(tmp_path):
     base = tiny_base(tmp_path)
     image, _ = make_phantom((16, 16, 16), 3, seed=0)

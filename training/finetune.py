@@ -522,8 +522,7 @@ def iter_finetune(
     target = Path(out) if out is not None else user_models_dir() / f"{card.name}-ft"
     target.parent.mkdir(parents=True, exist_ok=True)
     clear_stale(target.parent)  # what killed fine-tunings left there
-    work = temporary_path(target, "finetune", keep_suffix=False)
-    work.mkdir()
+    work = temporary_path(target, "finetune", keep_suffix=False)  # made once Trainer accepts
     record = {**_asdict(cfg), f"{what}_voxels": n_changed, "reviewed_voxels": n_reviewed, **moved}
     # the steps and weight used, also when the round chose them
     record.update(iterations=iterations, unreviewed_weight=unreviewed_weight)
@@ -543,6 +542,7 @@ def iter_finetune(
         extra_training={"finetune": record},
         validation_cases=[reviewed_case(case, grid["reviewed"])],
     )
+    work.mkdir()
     try:
         return (yield from trainer.run())
     finally:

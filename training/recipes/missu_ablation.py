@@ -29,7 +29,6 @@ It writes ``training/results/missu_ablation.json`` (settings -> arms -> seeds, d
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 from reproduce_selfreg_v2 import ROOT, cohort, foreground_dice, load_results, paired
 
+from napari_selfreg.files import write_json_atomic
 from napari_selfreg.inference import Predictor
 from napari_selfreg.modelfile import load_model
 from napari_selfreg.training import TrainConfig, case_from_arrays, train
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 dice = foreground_dice(Predictor(load_model(model)), tests)
             r["seeds"].append(seed)
             r["dice"].append(round(dice, 5))
-            args.out.write_text(json.dumps(data, indent=1))
+            write_json_atomic(args.out, data)  # a kill mid-write keeps the runs done
             print(f"{arm} seed {seed}: Dice {dice:.4f} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)  # fmt: skip
     table = report(data)
     args.out.with_suffix(".md").write_text("# MISSU ablation\n\n" + data["endpoint"] + "\n\n" + table + "\n")  # fmt: skip

@@ -46,6 +46,7 @@ import torch
 
 from napari_selfreg import data
 from napari_selfreg.device import reuse_freed_memory
+from napari_selfreg.files import write_json_atomic
 from napari_selfreg.inference import Predictor
 from napari_selfreg.modelfile import load_model
 from napari_selfreg.training import TrainConfig, Trainer, case_from_arrays, train
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "log": log_lines,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    write_json_atomic(args.out.with_suffix(".json"), report)
     args.out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
     return 0

@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from napari_selfreg import analysis, models
+from napari_selfreg.files import write_json_atomic
 from napari_selfreg.inference import Predictor
 from napari_selfreg.modelfile import load_model
 from napari_selfreg.models.unet import UNet
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             for block in cos:
                 r["mean_abs_cos"].setdefault(block, []).append(round(cos[block], 4))
                 r["effective_rank"].setdefault(block, []).append(round(rank[block], 3))
-            args.out.write_text(json.dumps(data, indent=1))
+            write_json_atomic(args.out, data)  # a kill mid-write keeps the runs done
             print(f"{arm} seed {seed}: Dice {dice:.4f} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)  # fmt: skip
     table = report(data)
     args.out.with_suffix(".md").write_text("# Reproduction v2\n\n" + data["endpoint"] + "\n\n" + table + "\n")  # fmt: skip
