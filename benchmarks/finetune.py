@@ -51,6 +51,7 @@ from napari_selfreg.review import rank_slices, suggestion_spacing
 from napari_selfreg.training import FinetuneConfig
 from napari_selfreg.training import heads as H
 from napari_selfreg.training.finetune import iter_finetune
+from napari_selfreg.training.metrics import volume_dice
 from napari_selfreg.training.synthesis import held_out_scan
 
 BASE = "brain-tissue-unet3d-v1"
@@ -58,8 +59,8 @@ SEED = 2001
 
 
 def dice(pred: np.ndarray, truth: np.ndarray, c: int) -> float:
-    p, t = pred == c, truth == c
-    return float(2 * (p & t).sum() / max(p.sum() + t.sum(), 1))
+    """Dice of class ``c`` (0 when neither map has it)."""
+    return volume_dice(pred, truth, c + 1)["dice"][c] or 0.0
 
 
 def review_slices(truth: np.ndarray, n: int, axis: int = 2) -> list[int]:

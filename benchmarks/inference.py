@@ -60,6 +60,7 @@ from napari_selfreg.device import cpu_bf16_fast
 from napari_selfreg.inference import Predictor
 from napari_selfreg.modelfile import ModelBundle, ModelCard, ModelFileError, load_model, save_model
 from napari_selfreg.preprocess import normalize
+from napari_selfreg.training.metrics import volume_dice
 
 RESULTS = Path(__file__).parent / "results" / "inference.json"
 TARGET_SPEEDUP_USER, TARGET_SPEEDUP_EXPERT, TARGET_AGREEMENT, TARGET_RSS_GIB = 8.0, 4.0, 0.99, 3.0
@@ -146,12 +147,7 @@ def run_monai_expert(bundle: ModelBundle, image: np.ndarray, roi=(128, 128, 128)
 
 def dice_per_class(a: np.ndarray, b: np.ndarray, k: int) -> list[float | None]:
     """Dice of each class between two label maps (None when neither has the class)."""
-    out = []
-    for c in range(k):
-        x, y = a == c, b == c
-        denom = int(x.sum()) + int(y.sum())
-        out.append(None if denom == 0 else 2.0 * int((x & y).sum()) / denom)
-    return out
+    return volume_dice(a, b, k)["dice"]
 
 
 def mean_dice(dice: list[float | None]) -> float:

@@ -55,8 +55,10 @@ def test_phantom_set_and_bad_arguments():
     assert len(cases) == 3
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(cases, again, strict=True))
     assert not np.array_equal(cases[0][0], cases[1][0])
-    for shape, k in [((5, 30, 30), 3), ((20, 20, 20, 20), 3), ((20, 20), 1), ((20, 20), 300)]:
-        with pytest.raises(ValueError):
+    bad = [((5, 30, 30), 3, "sides of at least 8"), ((20, 20, 20, 20), 3, "2 or 3 sides"),
+           ((20, 20), 1, "in 2..255, got 1"), ((20, 20), 300, "in 2..255, got 300")]  # fmt: skip
+    for shape, k, message in bad:
+        with pytest.raises(ValueError, match=message):
             data.make_phantom(shape, k)
 
 
