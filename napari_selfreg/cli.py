@@ -50,6 +50,7 @@ class HelpFormatter(argparse.HelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with all subcommands."""
     from . import __version__
+    from .geometry import orientation_codes
     from .settings import DEFAULTS, PRECISIONS
 
     parser = argparse.ArgumentParser(
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
     seg.add_argument("--axis", type=int, default=0, choices=[0, 1, 2], help="slice axis for 2D models")  # fmt: skip
     seg.add_argument("--channel", type=int, default=None, help="volume to pick from a 4D file")
+    seg.add_argument("--orientation", type=orientation_codes, default=None, metavar="CODES", help="where the array axes of a file without patient orientation (a TIFF stack) point, e.g. SPL for an axial stack shown as in napari (slices to superior, rows to posterior, columns to the left); without it they are taken as the model's")  # fmt: skip
     seg.add_argument("--probabilities", action="store_true", help="also write <name>_probabilities.nii.gz")  # fmt: skip
     seg.add_argument("--uncertainty", action="store_true", help="also write <name>_uncertainty.nii.gz (normalised entropy)")  # fmt: skip
     seg.add_argument("--rank-slices", default=None, metavar="FILE.json", help="write the slices where the model is least sure, per axis (where to correct next)")  # fmt: skip
@@ -404,8 +406,7 @@ def save_rankings(path: str, rankings: dict[str, dict]) -> Path:
     """Write the slice rankings of the inputs segmented so far (atomically)."""
     from .files import write_json_atomic
 
-    what = "slices ranked by summed normalised entropy (1 = the most uncertain slice)"
-    return write_json_atomic(path, {"what": what, "inputs": rankings})
+    return write_json_atomic(path, {"what": "slices ranked by summed normalised entropy (1 = the most uncertain slice)", "inputs": rankings})  # fmt: skip
 
 
 def segment_one(predictor, source: Path, target: Path, names: list[str], args):
@@ -419,7 +420,7 @@ def segment_one(predictor, source: Path, target: Path, names: list[str], args):
     from .review import rank_slices, suggestion_spacing
     from .volumes import as_record, as_text, class_volumes
 
-    volume = io.read_volume(source, channel=args.channel)
+    volume = with_orientation(io.read_volume(source, channel=args.channel), args.orientation, predictor)  # fmt: skip
     result = run_with_progress(predictor, volume, source.name, args.quiet)
     for warning in result.info.get("warnings", []):
         print(f"{PROG}: warning: {source.name}: {warning}", file=sys.stderr)
@@ -490,6 +491,22 @@ def remove_if_empty(folders: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             break
+
+
+def with_orientation(volume, codes: str | None, predictor):
+    """A TIFF stack (no patient orientation) with the axes ``--orientation`` states; else
+    taken as the model's, with a warning."""
+    from dataclasses import replace
+
+    from .geometry import affine_from_codes
+
+    if volume.metadata.get("format") != "tiff" or volume.ndim != 3:
+        return volume
+    if codes:
+        return replace(volume, affine=affine_from_codes(codes, volume.spacing))
+    if predictor.card and predictor.card.orientation:
+        print(f"{PROG}: warning: {Path(volume.metadata['source']).name}: a TIFF stack carries no patient orientation; its axes are taken as the model's ({predictor.card.orientation}); if the labels look wrong, pass --orientation (e.g. SPL for an axial stack shown as in napari)", file=sys.stderr)  # fmt: skip
+    return volume
 
 
 def run_with_progress(predictor, volume, label: str, quiet: bool):

@@ -29,6 +29,27 @@ def axis_codes(affine: np.ndarray) -> str:
     return "".join(aff2axcodes(np.asarray(affine, dtype=np.float64)))
 
 
+def orientation_codes(codes: str) -> str:
+    """``codes`` in capitals if they name each of R/L, A/P, S/I once (``"SPL"``), else
+    ValueError (argparse then says the option is invalid)."""
+    codes = str(codes).upper()
+    found = sorted(next((i for i, p in enumerate(("RL", "AP", "SI")) if c in p), 9) for c in codes)
+    if found != [0, 1, 2]:
+        raise ValueError(f"orientation {codes!r} must name each of R/L, A/P, S/I once, e.g. SPL or RAS")  # fmt: skip
+    return codes
+
+
+def affine_from_codes(codes: str, spacing) -> np.ndarray:
+    """The affine of a stack whose array axes point to ``codes`` (:func:`orientation_codes`)
+    at ``spacing`` mm: what a user states for a TIFF stack."""
+    codes = orientation_codes(codes)
+    world = [next(i for i, p in enumerate(("RL", "AP", "SI")) if c in p) for c in codes]
+    affine = np.diag([0.0, 0.0, 0.0, 1.0])
+    for axis, (code, w) in enumerate(zip(codes, world, strict=True)):
+        affine[w, axis] = (1.0 if code in "RAS" else -1.0) * float(spacing[axis])
+    return affine
+
+
 @dataclass(frozen=True)
 class Reorientation:
     """How the three spatial axes of an array map to a target orientation.

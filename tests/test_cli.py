@@ -1,5 +1,6 @@
 """The ``napari-selfreg`` command line, called in-process (and once as the console script)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -222,6 +223,42 @@ def test_a_run_stopped_between_an_inputs_files_is_redone_by_skip_existing(tiny_m
     assert len(json.loads(ranking.read_text())["inputs"]) == 2
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "a_labels.nii.gz", "a_probabilities.nii.gz", "b_labels.nii.gz", "b_probabilities.nii.gz"]  # fmt: skip
+
+
+def test_a_tiff_stack_takes_the_orientation_the_user_states(tiny_model, tmp_path, capsys):
+    import tifffile
+
+    from napari_selfreg.geometry import affine_from_codes, axis_codes
+    from napari_selfreg.modelfile import load_model, read_card, save_model
+
+    oriented = tmp_path / "oriented"  # the tiny model, trained in RAS
+    bundle = load_model(tiny_model)
+    save_model(bundle.network, dataclasses.replace(read_card(tiny_model), orientation="RAS"), oriented)  # fmt: skip
+    stack = np.random.default_rng(3).normal(100, 20, (18, 20, 22)).astype(np.float32)
+    stack[:9, :, :11] += 300  # structure that a turn of the axes moves
+    tifffile.imwrite(tmp_path / "axial.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    base = ["segment", "--model", oriented, "--quiet", "--overwrite", "--probabilities"]
+    code, _, err = run(capsys, *base, tmp_path / "axial.tif", "-o", tmp_path / "as_model.nii.gz")
+    assert code == 0 and "carries no patient orientation" in err and "--orientation" in err
+    code, _, err = run(capsys, *base, tmp_path / "axial.tif", "-o", tmp_path / "spl.nii.gz", "--orientation", "spl")  # fmt: skip
+    assert code == 0 and "orientation" not in err
+    written = nib.load(tmp_path / "spl.nii.gz")
+    assert axis_codes(written.affine) == "SPL"  # the labels carry the stated axes
+    io.write_volume(tmp_path / "spl_src.nii.gz", stack, affine=affine_from_codes("SPL", (1, 1, 1)))  # fmt: skip
+    run(capsys, *base, tmp_path / "spl_src.nii.gz", "-o", tmp_path / "same.nii.gz")
+
+    def probabilities(name):
+        return nib.load(tmp_path / f"{name}_probabilities.nii.gz").get_fdata()
+
+    same = probabilities("same")
+    assert np.array_equal(probabilities("spl"), same)  # as a NIfTI stored that way
+    assert not np.allclose(probabilities("as_model"), same, atol=1e-3)  # the axes matter
+    with pytest.raises(SystemExit) as refused:  # argparse refuses it before any work
+        cli.main([*map(str, base), str(tmp_path / "axial.tif"), "-o", str(tmp_path / "x.nii.gz"), "--orientation", "RRA"])  # fmt: skip
+    assert (
+        refused.value.code == 2
+        and "invalid orientation_codes value: 'RRA'" in capsys.readouterr().err
+    )
 
 
 def test_one_line_messages():
