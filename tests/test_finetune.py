@@ -107,6 +107,9 @@ def test_finetune_on_a_few_corrected_slices_helps_the_untouched_ones(mislabellin
     assert "dice" not in card.metrics  # no whole-volume segmentation: it costs the round's time
     assert set(card.metrics["patch_dice"]) == set(card.class_names)
     assert 0 < card.metrics["patch_mean_dice"] <= 1
+    # the base model on the same voxels, before the first step: the round helped there
+    assert card.metrics["base_patch_mean_dice"] < card.metrics["patch_mean_dice"]
+    assert any(e.kind == "message" and "the base model" in e.message for e in events)
     assert card.training["iterations_done"] == 30
 
 

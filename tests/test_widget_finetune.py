@@ -93,6 +93,9 @@ def test_finetune_two_iterations_lists_the_new_model(
     # a class the round has not learnt on the reviewed voxels is named, with what to do
     low = unlearnt(card.metrics["patch_dice"])
     assert ("Not learnt yet" in finetune.result_line.text()) == bool(low)
+    base, after = card.metrics["base_patch_mean_dice"], card.metrics["patch_mean_dice"]
+    assert f"the base model {base:.3f}" in finetune.result_line.text()
+    assert ("Lower than before the round" in finetune.result_line.text()) == (after < base - 0.005)
     assert all(name in finetune.result_line.text() for name in low)
 
     with qtbot.waitSignal(segment.segmented, timeout=WAIT_MS) as blocker:

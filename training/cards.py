@@ -94,6 +94,8 @@ class CardMixin:
         elif self.state["best_iteration"] is not None:
             out["patch_dice"] = self.state.get("best_dice", {})
             out["patch_mean_dice"] = round(float(self.state["best_score"]), 5)
+        if self.state.get("base_score") is not None:  # a fine-tune: its base on the same voxels
+            out["base_patch_mean_dice"] = round(float(self.state["base_score"]), 5)
         if self.val_cases and self.config.volume_metrics:
             counts = segment_cases(
                 net,

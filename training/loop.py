@@ -287,6 +287,11 @@ class Trainer(SetupMixin, CardMixin):
                 + (f", resumed at iteration {start_it}" if self.resume else "")
             ),
         )  # fmt: skip
+        if self.base_card is not None and start_it == 0 and self.validation.patches:
+            # a fine-tune: the base model on the same voxels, to tell whether the round helped
+            base = metrics.mean_foreground(self.validate())
+            self.state["base_score"] = base
+            yield TrainEvent(0, total, "message", message=f"the base model: mean foreground Dice {base:.4f} on the validation voxels")  # fmt: skip
         stop_reason = ""
         for it in range(start_it, total):
             elapsed = time.perf_counter() - clock

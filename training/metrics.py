@@ -45,6 +45,9 @@ def mean_foreground(dice: list[float | None]) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
+LOWER_THAN_BASE = 0.005
+"""A fine-tune whose Dice on the reviewed voxels falls this far under its base's is said to."""
+
 UNLEARNT_DICE = 0.5
 """A class under this Dice on the voxels a user reviewed is not learnt by the fine-tune."""
 

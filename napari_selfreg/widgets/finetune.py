@@ -518,7 +518,7 @@ class FinetuneWidget(QWidget):
         self.new_model = Path(path)
         announce_model(self.new_model)
         from ..modelfile import model_lineage, read_card
-        from ..training.metrics import unlearnt
+        from ..training.metrics import LOWER_THAN_BASE, unlearnt
 
         labels = getattr(self, "_labels_layer", None)
         if labels is not None and labels in self.viewer.layers:
@@ -530,8 +530,12 @@ class FinetuneWidget(QWidget):
         score = mean_foreground_dice(dice) if isinstance(dice, dict) else None
         parent = Path(card.parent).name if card.parent else "?"
         text = f"Saved {card.name} (fine-tuned from {parent})"
+        base = metrics.get("base_patch_mean_dice")
         if score is not None:
-            text += f", Dice {score:.3f} on the voxels you reviewed (sampled patches)"
+            text += f", Dice {score:.3f} on the voxels you reviewed (sampled patches"
+            text += f"; the base model {base:.3f})" if isinstance(base, float) else ")"
+            if isinstance(base, float) and score < base - LOWER_THAN_BASE:
+                text += ". Lower than before the round: lower the Learning rate and run it again"
         low = unlearnt(dice) if isinstance(dice, dict) else []
         if low:
             text += (
