@@ -51,6 +51,9 @@ def test_train_then_segment_then_finetune(folders, capsys):
     low = unlearnt(read_card(new).metrics["patch_dice"])  # named in one line, if any
     assert ("not learnt yet on the voxels you reviewed" in err) == bool(low)
     assert all(name in err for name in low)
+    scores = read_card(new).metrics  # the base model on the same voxels, and the round
+    lowered = scores["patch_mean_dice"] < scores["base_patch_mean_dice"] - 0.005
+    assert ("the round lowered the Dice on the voxels you reviewed" in err) == lowered
     assert {p.name: p.read_bytes() for p in model.iterdir()} == base_files
     assert load_model(new).card.parent == str(model)
     # round 2 from the new model: round 1's review map comes back, its corrections kept
