@@ -250,6 +250,7 @@ def test_rounds_keep_what_was_reviewed_and_list_slices_to_check(qtbot, segmented
     np.testing.assert_array_equal(second.data[[5, 12]], phantom[1][[5, 12]])
     np.testing.assert_array_equal(second.metadata[REVIEWED_KEY], reviewed)
     assert finetune.labels_picker.layer() is second
+    assert "reviewed in earlier rounds stay truth" in finetune.changed_line.text()  # at once
     # painting slice 8 in round 2 adds it as reviewed; round 1's corrections stay corrections
     viewer.dims.set_current_step(0, 8)
     second.data[8] = phantom[1][8]

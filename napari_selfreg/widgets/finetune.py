@@ -590,3 +590,4 @@ class FinetuneWidget(QWidget):
         layer.metadata[PAINT_AXES_KEY] = list(carry["axes"])
         layer.refresh()
         self.labels_picker.set_layer(layer)
+        self._on_labels_changed()  # chosen when added: its reviewed voxels came after
