@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from napari.layers import Image, Points, Shapes
 from napari.qt.threading import create_worker
 from qtpy.QtWidgets import (
@@ -460,6 +461,7 @@ class InspectWidget(QWidget):
             shown = shown[np.isfinite(shown) & (shown > 0)]
             if log and shown.size and shown.max() > 20 * shown.min():
                 ax.set_yscale("log")
+                ax.yaxis.set_minor_formatter(NullFormatter())  # powers of ten only: legible
             for tick in ax.get_xticklabels():
                 if tick.get_text() == block:
                     tick.set_fontweight("bold")
