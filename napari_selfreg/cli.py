@@ -1,8 +1,9 @@
 """The ``napari-selfreg`` command: segment, info, models, sample (+ train, finetune).
 
 A thin argparse shell over the library: ``segment`` drains ``predict.iter_segment``
-with ``jobs.ProgressPrinter`` (a bar, or log lines in a pipe) and writes labels with ``io.write_labels``; ``train`` and
-``finetune`` come from ``napari_selfreg.training.cli.add_parsers``. Errors a user
+with ``jobs.ProgressPrinter`` (a bar, or log lines in a pipe) and writes labels with
+``io.write_labels``; ``train`` and ``finetune`` come from
+``napari_selfreg.training.cli.add_parsers``. Errors a user
 can cause print one line ``napari-selfreg: error: ...`` and exit with status 2
 (130 after Ctrl-C); ``--debug`` shows the traceback instead.
 """
