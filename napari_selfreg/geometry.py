@@ -29,24 +29,34 @@ def axis_codes(affine: np.ndarray) -> str:
     return "".join(aff2axcodes(np.asarray(affine, dtype=np.float64)))
 
 
+def _axes_of_codes(codes: str) -> np.ndarray:
+    """nibabel's ``(world axis, direction)`` per array axis of ``codes`` (``"SPL"``), or
+    ValueError unless they name each of R/L, A/P, S/I once."""
+    from nibabel.orientations import axcodes2ornt
+
+    try:
+        ornt = axcodes2ornt(tuple(codes))
+    except ValueError:
+        ornt = None
+    if ornt is None or len(codes) != 3 or sorted(ornt[:, 0]) != [0, 1, 2]:
+        raise ValueError(f"orientation {codes!r} must name each of R/L, A/P, S/I once, e.g. SPL or RAS")  # fmt: skip
+    return ornt
+
+
 def orientation_codes(codes: str) -> str:
-    """``codes`` in capitals if they name each of R/L, A/P, S/I once (``"SPL"``), else
+    """``codes`` in capitals when they name each of R/L, A/P, S/I once (``"SPL"``), else
     ValueError (argparse then says the option is invalid)."""
     codes = str(codes).upper()
-    found = sorted(next((i for i, p in enumerate(("RL", "AP", "SI")) if c in p), 9) for c in codes)
-    if found != [0, 1, 2]:
-        raise ValueError(f"orientation {codes!r} must name each of R/L, A/P, S/I once, e.g. SPL or RAS")  # fmt: skip
+    _axes_of_codes(codes)
     return codes
 
 
 def affine_from_codes(codes: str, spacing) -> np.ndarray:
     """The affine of a stack whose array axes point to ``codes`` (:func:`orientation_codes`)
     at ``spacing`` mm: what a user states for a TIFF stack."""
-    codes = orientation_codes(codes)
-    world = [next(i for i, p in enumerate(("RL", "AP", "SI")) if c in p) for c in codes]
     affine = np.diag([0.0, 0.0, 0.0, 1.0])
-    for axis, (code, w) in enumerate(zip(codes, world, strict=True)):
-        affine[w, axis] = (1.0 if code in "RAS" else -1.0) * float(spacing[axis])
+    for axis, (world, direction) in enumerate(_axes_of_codes(str(codes).upper())):
+        affine[int(world), axis] = direction * float(spacing[axis])
     return affine
 
 

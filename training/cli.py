@@ -257,7 +257,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from napari_selfreg.modelfile import read_card
 
     from .finetune import iter_finetune
-    from .metrics import LOWER_THAN_BASE, unlearnt
+    from .metrics import lowered, unlearnt
 
     image = read_volume(args.image)
     given = {"labels": args.labels, "changed": args.changed, "reviewed": args.reviewed}
@@ -312,9 +312,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         written = write_labels(args.save_reviewed, review_maps[-1], reference=image, overwrite=False)  # fmt: skip
         print(f"wrote the review map {written} (1 reviewed, 2 corrected)", file=sys.stderr)
     scores = read_card(path).metrics or {}
-    after, base = scores.get("patch_mean_dice"), scores.get("base_patch_mean_dice")
-    if isinstance(after, float) and isinstance(base, float) and after < base - LOWER_THAN_BASE:
-        print(f"napari-selfreg: the round lowered the Dice on the voxels you reviewed ({base:.3f} -> {after:.3f}); run it again with a lower --lr", file=sys.stderr)  # fmt: skip
+    if drop := lowered(scores):
+        print(f"napari-selfreg: the round lowered the Dice on the voxels you reviewed ({drop[0]:.3f} -> {drop[1]:.3f}); run it again with a lower --lr", file=sys.stderr)  # fmt: skip
     low = unlearnt(scores.get("patch_dice") or {})
     if low:
         print(f"napari-selfreg: not learnt yet on the voxels you reviewed: {', '.join(low)}; "

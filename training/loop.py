@@ -350,6 +350,9 @@ class Trainer(SetupMixin, CardMixin):
                 self.state["best_dice"] = metrics.named(dice, self.class_names)
             else:
                 self.state["bad_validations"] = int(self.state["bad_validations"]) + 1
+            best_mark = ""  # the weights saved are the best's (keep=best) or the last ones
+            if improved:
+                best_mark = " (best; kept)" if cfg.keep == "best" else " (best so far)"
             events.append(
                 TrainEvent(
                     it,
@@ -357,14 +360,7 @@ class Trainer(SetupMixin, CardMixin):
                     "validation",
                     losses=losses,
                     dice=metrics.named(dice, self.class_names),
-                    message=f"mean foreground Dice {score:.4f}"
-                    + (
-                        " (best; kept)"
-                        if improved and cfg.keep == "best"
-                        else " (best so far)"
-                        if improved
-                        else ""
-                    ),
+                    message=f"mean foreground Dice {score:.4f}{best_mark}",
                 )  # fmt: skip
             )
             if improved and self.dist.is_main and cfg.keep == "best":  # "last" never reads it

@@ -48,6 +48,16 @@ def mean_foreground(dice: list[float | None]) -> float:
 LOWER_THAN_BASE = 0.005
 """A fine-tune whose Dice on the reviewed voxels falls this far under its base's is said to."""
 
+
+def lowered(card_metrics: dict[str, Any]) -> tuple[float, float] | None:
+    """``(base, round)`` mean Dice on the reviewed voxels when a fine-tuning round ended
+    :data:`LOWER_THAN_BASE` or more under its base model there, else None."""
+    base, after = card_metrics.get("base_patch_mean_dice"), card_metrics.get("patch_mean_dice")
+    if isinstance(base, float) and isinstance(after, float) and after < base - LOWER_THAN_BASE:
+        return base, after
+    return None
+
+
 UNLEARNT_DICE = 0.5
 """A class under this Dice on the voxels a user reviewed is not learnt by the fine-tune."""
 

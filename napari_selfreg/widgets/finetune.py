@@ -518,7 +518,7 @@ class FinetuneWidget(QWidget):
         self.new_model = Path(path)
         announce_model(self.new_model)
         from ..modelfile import model_lineage, read_card
-        from ..training.metrics import LOWER_THAN_BASE, unlearnt
+        from ..training.metrics import lowered, unlearnt
 
         labels = getattr(self, "_labels_layer", None)
         if labels is not None and labels in self.viewer.layers:
@@ -534,7 +534,7 @@ class FinetuneWidget(QWidget):
         if score is not None:
             text += f", Dice {score:.3f} on the voxels you reviewed (sampled patches"
             text += f"; the base model {base:.3f})" if isinstance(base, float) else ")"
-            if isinstance(base, float) and score < base - LOWER_THAN_BASE:
+            if lowered(metrics):
                 text += ". Lower than before the round: lower the Learning rate and run it again"
         low = unlearnt(dice) if isinstance(dice, dict) else []
         if low:
